@@ -1,0 +1,208 @@
+"""Gemma for pi0.5: the PaliGemma prefix LLM (prefill) and the adaRMS action expert (one denoise step).
+
+Both streams live in `params["PaliGemma"]["llm"]` with openpi's names: the prefix stream's weights are
+`attn/q_einsum`, `mlp`, `pre_attention_norm`, ...; the expert's carry the suffix `_1`. Layer weights are stacked
+over depth on axis 0 and consumed with `lax.scan`, as upstream does.
+
+Axis legend: B batch, T query len, S kv len, N q heads, K kv heads, G group (N // K), H head dim, D width,
+F mlp dim, L layers.
+
+Attention is pluggable: an `attend(q, k, v)` callable receives RoPE'd, pre-scaled queries [B,T,N,H] and keys /
+values [B,S,K,H] and returns [B,T,N,H]; `masked_attention` is upstream's einsum + masked softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pi05_jax.linear import gelu_tanh
+
+RMS_EPS = 1e-6
+BIG_NEG = -2.3819763e38  # upstream's mask value
+ROPE_MAX_WAVELENGTH = 10_000
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+# --- norms -------------------------------------------------------------------------------------------------------
+
+
+def _normalize(x):
+    var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    return x * jnp.reciprocal(jnp.sqrt(var + RMS_EPS))  # float32
+
+
+def rms_norm(x, scale):
+    """Gemma RMSNorm with a (1 + scale) gain; statistics in float32, output in x's dtype."""
+    return (_normalize(x) * (1 + scale)).astype(x.dtype)
+
+
+def ada_modulation(cond, dense_params, dtype):
+    """adaRMS modulation for one norm: cond [B, Dc] -> (scale, shift, gate), each [B, 1, D] in `dtype`."""
+    mod = jnp.einsum("BC,CE->BE", cond.astype(dtype), dense_params["kernel"].astype(dtype))
+    mod = mod + dense_params["bias"].astype(dtype)
+    scale, shift, gate = jnp.split(mod[:, None, :], 3, axis=-1)
+    return scale, shift, gate
+
+
+def ada_rms_norm(x, scale, shift):
+    """adaRMS: normalize, then x * (1 + scale) + shift (float32), output in x's dtype."""
+    return (_normalize(x) * (1 + scale) + shift).astype(x.dtype)
+
+
+# --- attention pieces ----------------------------------------------------------------------------------------------
+
+
+def rope(x, positions):
+    """Rotary embedding over the last axis of x [B,T,N,H] at integer positions [B,T]; math in float32."""
+    h = x.shape[-1]
+    freq_exponents = (2.0 / h) * jnp.arange(h // 2, dtype=jnp.float32)
+    timescale = ROPE_MAX_WAVELENGTH**freq_exponents
+    radians = positions[..., None] / timescale[None, None, :]
+    radians = radians[..., None, :]
+    sin, cos = jnp.sin(radians), jnp.cos(radians)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def masked_attention(q, k, v, mask):
+    """Upstream's GQA attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] bool -> [B,T,N,H]."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None, :, :], logits, BIG_NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def _qkv(x, attn, suffix, positions):
+    dtype = x.dtype
+    q = jnp.einsum("BTD,NDH->BTNH", x, attn[f"q_einsum{suffix}"]["w"].astype(dtype))
+    k, v = jnp.einsum("BSD,CKDH->CBSKH", x, attn[f"kv_einsum{suffix}"]["w"].astype(dtype))
+    q = rope(q, positions)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
+    k = rope(k, positions)
+    return q, k, v
+
+
+def _kv(x, attn, suffix, positions):
+    k, v = jnp.einsum("BSD,CKDH->CBSKH", x, attn[f"kv_einsum{suffix}"]["w"].astype(x.dtype))
+    return rope(k, positions), v
+
+
+def feed_forward(x, mlp):
+    """GeGLU MLP: gelu(x W_gate) * (x W_up) -> W_down."""
+    dtype = x.dtype
+    w = mlp["gating_einsum"].astype(dtype)
+    gate = jnp.einsum("BTD,DF->BTF", x, w[0])
+    up = jnp.einsum("BTD,DF->BTF", x, w[1])
+    return jnp.einsum("BTF,FD->BTD", gelu_tanh(gate) * up, mlp["linear"].astype(dtype))
+
+
+# --- token embedding -----------------------------------------------------------------------------------------------
+
+
+def embed_tokens(llm_params, tokens, dtype):
+    table = llm_params["embedder"]["input_embedding"]
+    x = table[(tokens,)].astype(dtype)
+    return x * jnp.sqrt(table.shape[-1]).astype(dtype)
+
+
+# --- prefill: the prefix stream ------------------------------------------------------------------------------------
+
+
+def _prefix_layers(llm_params):
+    layers = llm_params["layers"]
+    return {
+        "attn": {k: layers["attn"][k] for k in ("q_einsum", "kv_einsum", "attn_vec_einsum")},
+        "mlp": layers["mlp"],
+        "pre_attention_norm": layers["pre_attention_norm"],
+        "pre_ffw_norm": layers["pre_ffw_norm"],
+    }
+
+
+def prefill(llm_params, x, positions, attend: Attend, *, last_layer_kv_only: bool = True):
+    """Run the prefix stream over embedded tokens x [B,S,D]; returns the KV cache (k, v), each [L,B,S,K,H].
+
+    The last layer's attention output and MLP feed nothing (denoising reads only its K and V), so with
+    `last_layer_kv_only` the final layer computes K and V alone; the cache is identical either way.
+    """
+    lp = _prefix_layers(llm_params)
+
+    def layer(x, p):
+        h = rms_norm(x, p["pre_attention_norm"]["scale"])
+        q, k, v = _qkv(h, p["attn"], "", positions)
+        o = attend(q, k, v)
+        x = x + jnp.einsum("BTNH,NHD->BTD", o, p["attn"]["attn_vec_einsum"]["w"].astype(x.dtype))
+        h = rms_norm(x, p["pre_ffw_norm"]["scale"])
+        x = x + feed_forward(h, p["mlp"])
+        return x, (k, v)
+
+    if not last_layer_kv_only:
+        _, (k, v) = jax.lax.scan(layer, x, lp)
+        return k, v
+    head = jax.tree.map(lambda a: a[:-1], lp)
+    last = jax.tree.map(lambda a: a[-1], lp)
+    x, (k, v) = jax.lax.scan(layer, x, head)
+    h = rms_norm(x, last["pre_attention_norm"]["scale"])
+    k_last, v_last = _kv(h, last["attn"], "", positions)
+    return jnp.concatenate([k, k_last[None]]), jnp.concatenate([v, v_last[None]])
+
+
+# --- the action expert: one denoise step ---------------------------------------------------------------------------
+
+
+def expert_modulations(llm_params, cond, dtype):
+    """Every adaRMS (scale, shift, gate) of the expert for conditioning `cond` [B, Dc].
+
+    Returns {"attn": (s, sh, g), "ffw": (s, sh, g)} with each array [L, B, 1, D], and "final": (s, sh, g) [B,1,D].
+    These depend only on the denoising time, so the fast path computes them once per num_steps.
+    """
+    layers = llm_params["layers"]
+
+    def per_layer(name):
+        return jax.vmap(lambda p: ada_modulation(cond, p, dtype))(layers[name]["Dense_0"])
+
+    return {
+        "attn": per_layer("pre_attention_norm_1"),
+        "ffw": per_layer("pre_ffw_norm_1"),
+        "final": ada_modulation(cond, llm_params["final_norm_1"]["Dense_0"], dtype),
+    }
+
+
+def expert_layers(llm_params):
+    layers = llm_params["layers"]
+    return {
+        "attn": {k: layers["attn"][k] for k in ("q_einsum_1", "kv_einsum_1", "attn_vec_einsum_1")},
+        "mlp_1": layers["mlp_1"],
+    }
+
+
+def expert_forward(llm_params, x, modulations, kv_cache, positions, attend_fn):
+    """The action expert over suffix tokens x [B,T,D] attending to the prefix cache plus itself.
+
+    `attend_fn(q, k_prefix, v_prefix, k_suffix, v_suffix)` does the attention of one layer.
+    Returns the final-normed suffix hidden states [B,T,D].
+    """
+    lp = expert_layers(llm_params)
+    cache_k, cache_v = kv_cache
+
+    def layer(x, xs):
+        p, ck, cv, (s1, sh1, g1), (s2, sh2, g2) = xs
+        h = ada_rms_norm(x, s1, sh1)
+        q, k, v = _qkv(h, p["attn"], "_1", positions)
+        o = attend_fn(q, ck, cv, k, v)
+        o = jnp.einsum("BTNH,NHD->BTD", o, p["attn"]["attn_vec_einsum_1"]["w"].astype(x.dtype))
+        x = x + o * g1
+        h = ada_rms_norm(x, s2, sh2)
+        x = x + feed_forward(h, p["mlp_1"]) * g2
+        return x, None
+
+    x, _ = jax.lax.scan(layer, x, (lp, cache_k, cache_v, modulations["attn"], modulations["ffw"]))
+    s, sh, _ = modulations["final"]
+    return ada_rms_norm(x, s, sh)
