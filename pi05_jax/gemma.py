@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pi05_jax.linear import gelu_tanh
+from pi05_jax.weights import weight_einsum
 
 RMS_EPS = 1e-6
 BIG_NEG = -2.3819763e38  # upstream's mask value
@@ -81,27 +82,23 @@ def masked_attention(q, k, v, mask):
 
 
 def _qkv(x, attn, suffix, positions):
-    dtype = x.dtype
-    q = jnp.einsum("BTD,NDH->BTNH", x, attn[f"q_einsum{suffix}"]["w"].astype(dtype))
-    k, v = jnp.einsum("BSD,CKDH->CBSKH", x, attn[f"kv_einsum{suffix}"]["w"].astype(dtype))
+    q = weight_einsum("BTD,NDH->BTNH", x, attn[f"q_einsum{suffix}"]["w"])
+    k, v = weight_einsum("BSD,CKDH->CBSKH", x, attn[f"kv_einsum{suffix}"]["w"])
     q = rope(q, positions)
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, x.dtype)
     k = rope(k, positions)
     return q, k, v
 
 
 def _kv(x, attn, suffix, positions):
-    k, v = jnp.einsum("BSD,CKDH->CBSKH", x, attn[f"kv_einsum{suffix}"]["w"].astype(x.dtype))
+    k, v = weight_einsum("BSD,CKDH->CBSKH", x, attn[f"kv_einsum{suffix}"]["w"])
     return rope(k, positions), v
 
 
 def feed_forward(x, mlp):
     """GeGLU MLP: gelu(x W_gate) * (x W_up) -> W_down."""
-    dtype = x.dtype
-    w = mlp["gating_einsum"].astype(dtype)
-    gate = jnp.einsum("BTD,DF->BTF", x, w[0])
-    up = jnp.einsum("BTD,DF->BTF", x, w[1])
-    return jnp.einsum("BTF,FD->BTD", gelu_tanh(gate) * up, mlp["linear"].astype(dtype))
+    gate, up = weight_einsum("BTD,CDF->CBTF", x, mlp["gating_einsum"])
+    return weight_einsum("BTF,FD->BTD", gelu_tanh(gate) * up, mlp["linear"])
 
 
 # --- token embedding -----------------------------------------------------------------------------------------------
@@ -138,7 +135,7 @@ def prefill(llm_params, x, positions, attend: Attend, *, last_layer_kv_only: boo
         h = rms_norm(x, p["pre_attention_norm"]["scale"])
         q, k, v = _qkv(h, p["attn"], "", positions)
         o = attend(q, k, v)
-        x = x + jnp.einsum("BTNH,NHD->BTD", o, p["attn"]["attn_vec_einsum"]["w"].astype(x.dtype))
+        x = x + weight_einsum("BTNH,NHD->BTD", o, p["attn"]["attn_vec_einsum"]["w"])
         h = rms_norm(x, p["pre_ffw_norm"]["scale"])
         x = x + feed_forward(h, p["mlp"])
         return x, (k, v)
@@ -197,7 +194,7 @@ def expert_forward(llm_params, x, modulations, kv_cache, positions, attend_fn):
         h = ada_rms_norm(x, s1, sh1)
         q, k, v = _qkv(h, p["attn"], "_1", positions)
         o = attend_fn(q, ck, cv, k, v)
-        o = jnp.einsum("BTNH,NHD->BTD", o, p["attn"]["attn_vec_einsum_1"]["w"].astype(x.dtype))
+        o = weight_einsum("BTNH,NHD->BTD", o, p["attn"]["attn_vec_einsum_1"]["w"])
         x = x + o * g1
         h = ada_rms_norm(x, s2, sh2)
         x = x + feed_forward(h, p["mlp_1"]) * g2

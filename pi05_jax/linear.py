@@ -5,10 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pi05_jax.weights import weight_einsum
+
 
 def dense(x, kernel, bias, dtype):
     """flax `nn.Dense(dtype=dtype)`: inputs and params cast to `dtype`, then x @ kernel + bias."""
-    y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype))
+    y = weight_einsum("...i,io->...o", x.astype(dtype), kernel)
     return y + bias.astype(dtype)
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from pi05_jax.linear import dense, gelu_tanh
+from pi05_jax.weights import weight_einsum
 
 LN_EPS = 1e-6
 
@@ -41,7 +42,7 @@ def encoder_block(x, lp, dtype, attention_fn=None):
     mha = lp["MultiHeadDotProductAttention_0"]
 
     def proj(name):
-        return jnp.einsum("BPD,DNH->BPNH", y, mha[name]["kernel"].astype(dtype)) + mha[name]["bias"].astype(dtype)
+        return weight_einsum("BPD,DNH->BPNH", y, mha[name]["kernel"]) + mha[name]["bias"].astype(dtype)
 
     q, k, v = proj("query"), proj("key"), proj("value")
     if attention_fn is None:
@@ -51,7 +52,7 @@ def encoder_block(x, lp, dtype, attention_fn=None):
         o = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
     else:
         o = attention_fn(q, k, v)
-    o = jnp.einsum("BTNH,NHD->BTD", o, mha["out"]["kernel"].astype(dtype)) + mha["out"]["bias"].astype(dtype)
+    o = weight_einsum("BTNH,NHD->BTD", o, mha["out"]["kernel"]) + mha["out"]["bias"].astype(dtype)
     x = x + o
     y = layer_norm(x, lp["LayerNorm_1"]["scale"], lp["LayerNorm_1"]["bias"], dtype)
     mlp = lp["MlpBlock_0"]

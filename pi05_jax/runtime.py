@@ -1,0 +1,58 @@
+"""A loaded model ready to sample: config + params + kernel choice, with compile and run timing.
+
+This is what the CLI, the policy server and the benchmark hold. `sample` goes through the one jitted executable
+of `pi05_jax.sampler` (one per batch size, num_steps and kernel choice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pi05_jax import sampler
+from pi05_jax.config import Pi05Config
+from pi05_jax.observation import Observation
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Model:
+    config: Pi05Config
+    params: dict
+    kernels: str = "reference"
+
+    @classmethod
+    def load(cls, checkpoint_dir, *, dtype: str = "bfloat16", kernels: str = "reference",
+             progress: Callable[[str], None] | None = None) -> Model:
+        from checkpoints.openpi_io import load_params
+
+        check_kernels(kernels)
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        config, params = load_params(checkpoint_dir, dtype=DTYPES[dtype], progress=progress)
+        return cls(config=config, params=params, kernels=kernels)
+
+    @property
+    def dtype(self):
+        return sampler.params_dtype(self.params)
+
+    def sample(self, obs: Observation, *, noise=None, rng=None, num_steps: int = 10) -> jax.Array:
+        return sampler.sample_actions(self.params, obs, noise=noise, rng=rng, num_steps=num_steps,
+                                      kernels=self.kernels, action_horizon=self.config.action_horizon)
+
+    def timed_sample(self, obs: Observation, *, noise, num_steps: int = 10) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        actions = self.sample(obs, noise=noise, num_steps=num_steps)
+        actions = np.asarray(jax.block_until_ready(actions))
+        return actions, time.perf_counter() - t0
+
+
+def check_kernels(kernels: str) -> None:
+    if kernels not in sampler.IMPLEMENTATIONS:
+        raise ValueError(f"unknown --kernels {kernels!r}; available: {', '.join(sorted(sampler.IMPLEMENTATIONS))}")
