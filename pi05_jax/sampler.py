@@ -57,19 +57,21 @@ def time_conditioning(params, time):
     return jax.nn.swish(promoted_dense(emb, params["time_mlp_out"]["kernel"], params["time_mlp_out"]["bias"]))
 
 
-def embed_prefix_padded(params, obs: Observation, dtype):
-    """Upstream's prefix: every view's 256 tokens then the text embeddings; returns tokens [B,S,D], mask [B,S],
-    and the per-view image tokens (for debugging/parity)."""
+def encode_views(params, obs: Observation, dtype) -> dict:
+    """Upstream's vision phase: every camera slot through SigLIP, masked or not -> {view: [B,P,D]}."""
     img_params = params["PaliGemma"]["img"]
-    tokens, masks, image_tokens = [], [], {}
-    for view, images in obs.images.items():
-        t = siglip.encode_images(img_params, images, dtype=dtype)
-        image_tokens[view] = t
+    return {view: siglip.encode_images(img_params, images, dtype=dtype) for view, images in obs.images.items()}
+
+
+def embed_prefix_padded(params, obs: Observation, image_tokens: dict, dtype):
+    """Upstream's prefix: every view's 256 tokens then the text embeddings -> tokens [B,S,D], mask [B,S]."""
+    tokens, masks = [], []
+    for view, t in image_tokens.items():
         tokens.append(t)
         masks.append(jnp.repeat(obs.image_masks[view][:, None], t.shape[1], axis=1))
     tokens.append(gemma.embed_tokens(params["PaliGemma"]["llm"], obs.tokenized_prompt, dtype))
     masks.append(obs.tokenized_prompt_mask)
-    return jnp.concatenate(tokens, axis=1).astype(dtype), jnp.concatenate(masks, axis=1), image_tokens
+    return jnp.concatenate(tokens, axis=1).astype(dtype), jnp.concatenate(masks, axis=1)
 
 
 def _reference_prefix_attend(prefix_mask) -> gemma.Attend:
@@ -90,17 +92,19 @@ def _reference_suffix_attend(prefix_mask, suffix_len):
     return attend
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Prefix:
     """What denoising needs from the prefix: the KV cache, which slots are valid, and where the suffix starts."""
 
     kv: tuple  # (k, v), each [L, B, S, K, H]
-    mask: jax.Array  # bool [B, S]
-    suffix_start: jax.Array  # int32 [B]: number of valid prefix tokens
+    mask: jax.Array  # bool [B, S]: which cache slots hold valid tokens
+    suffix_start: jax.Array  # int32 [B]: number of valid prefix tokens (the first action token's position)
 
 
-def reference_prefix(params, obs: Observation, dtype):
-    tokens, mask, _ = embed_prefix_padded(params, obs, dtype)
+def reference_prefill(params, obs: Observation, image_tokens: dict) -> Prefix:
+    dtype = params_dtype(params)
+    tokens, mask = embed_prefix_padded(params, obs, image_tokens, dtype)
     positions = jnp.cumsum(mask, axis=1) - 1
     kv = gemma.prefill(params["PaliGemma"]["llm"], tokens, positions, _reference_prefix_attend(mask))
     return Prefix(kv=kv, mask=mask, suffix_start=jnp.sum(mask, axis=-1))
@@ -121,25 +125,52 @@ def velocity(params, prefix: Prefix, x_t, time, *, modulations=None, suffix_atte
     return promoted_dense(out, params["action_out_proj"]["kernel"], params["action_out_proj"]["bias"])
 
 
-def euler_loop(step: Callable, noise, times: np.ndarray):
-    """x <- x + dt * v(x, t) over upstream's times; `step(x, t, i)` returns v."""
-    dt = -1.0 / len(times)
+def euler_loop(step: Callable, noise, num_steps: int):
+    """x <- x + dt * v(x, t, i) over upstream's times (dt = -1/num_steps)."""
+    times = euler_times(num_steps)
+    dt = -1.0 / num_steps
 
     def body(i, x):
-        t = jnp.asarray(times)[i]
-        return x + dt * step(x, t, i)
+        return x + dt * step(x, jnp.asarray(times)[i], i)
 
     return jax.lax.fori_loop(0, len(times), body, noise)
 
 
-def _reference_sample(params, obs: Observation, noise, num_steps: int):
-    dtype = params_dtype(params)
-    prefix = reference_prefix(params, obs, dtype)
-    return euler_loop(lambda x, t, _i: velocity(params, prefix, x, t), noise, euler_times(num_steps))
+def reference_denoise(params, prefix: Prefix, noise, num_steps: int):
+    return euler_loop(lambda x, t, _i: velocity(params, prefix, x, t), noise, num_steps)
 
 
-# name -> sample(params, obs, noise, num_steps) -> actions; fast paths register themselves here.
-IMPLEMENTATIONS: dict[str, Callable] = {"reference": _reference_sample}
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to run pi0.5, split into its three phases so `bench` can time each; `sample` chains them inside
+    one jit. vision(params, obs) -> any pytree; prefill(params, obs, vision_out) -> Prefix (or any pytree the
+    same implementation's denoise takes); denoise(params, prefix, noise, num_steps) -> actions [B,T,A] float32."""
+
+    name: str
+    vision: Callable
+    prefill: Callable
+    denoise: Callable
+    description: str = ""
+
+    def sample(self, params, obs: Observation, noise, num_steps: int):
+        prefix = self.prefill(params, obs, self.vision(params, obs))
+        return self.denoise(params, prefix, noise, num_steps)
+
+
+REFERENCE = Implementation(
+    name="reference",
+    vision=lambda params, obs: encode_views(params, obs, params_dtype(params)),
+    prefill=reference_prefill,
+    denoise=reference_denoise,
+    description="plain JAX, upstream openpi's computation (all view slots, padded 968-token prefix)",
+)
+
+# name -> Implementation; fast paths register themselves here (see `register`).
+IMPLEMENTATIONS: dict[str, Implementation] = {"reference": REFERENCE}
+
+
+def register(impl: Implementation) -> None:
+    IMPLEMENTATIONS[impl.name] = impl
 
 
 def _noise_for(obs: Observation, params, noise, rng, action_horizon):
@@ -153,7 +184,7 @@ def _noise_for(obs: Observation, params, noise, rng, action_horizon):
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "kernels"))
 def _sample_jit(params, obs, noise, num_steps, kernels):
-    return IMPLEMENTATIONS[kernels](params, obs, noise, num_steps)
+    return IMPLEMENTATIONS[kernels].sample(params, obs, noise, num_steps)
 
 
 def sample_actions(params, observation: Observation, *, noise=None, rng=None, num_steps: int = 10,
@@ -169,11 +200,9 @@ def sample_actions(params, observation: Observation, *, noise=None, rng=None, nu
 def reference_intermediates(params, obs: Observation, noise):
     """Upstream's debugging intermediates: image tokens per view, prefix tokens, prefix K/V, velocity at t=1."""
     dtype = params_dtype(params)
-    tokens, mask, image_tokens = embed_prefix_padded(params, obs, dtype)
-    positions = jnp.cumsum(mask, axis=1) - 1
-    k, v = gemma.prefill(params["PaliGemma"]["llm"], tokens, positions, _reference_prefix_attend(mask))
-    prefix = Prefix(kv=(k, v), mask=mask, suffix_start=jnp.sum(mask, axis=-1))
+    image_tokens = encode_views(params, obs, dtype)
+    tokens, _ = embed_prefix_padded(params, obs, image_tokens, dtype)
+    prefix = reference_prefill(params, obs, image_tokens)
     v_t1 = velocity(params, prefix, noise, jnp.float32(1.0))
-    return {"image_tokens": image_tokens, "prefix_tokens": tokens, "prefix_k": k, "prefix_v": v,
-            "velocity_t1": v_t1}
-
+    return {"image_tokens": image_tokens, "prefix_tokens": tokens, "prefix_k": prefix.kv[0],
+            "prefix_v": prefix.kv[1], "velocity_t1": v_t1}

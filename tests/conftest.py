@@ -1,0 +1,68 @@
+"""Shared fixtures: the upstream reference data (read-only, never copied into tests) and loaded models."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE_DIR = pathlib.Path(os.environ.get("PI05_REFERENCE", ROOT.parent / "shared" / "reference" / "tiny_pi05"))
+MODEL_CASES = ("libero_like", "batch2_mixed", "three_steps")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = any(d.platform == "gpu" for d in jax.devices())
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (marker `gpu`)")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> pathlib.Path:
+    if not (REFERENCE_DIR / "model_cases.npz").exists():
+        pytest.fail(f"shared reference data not found at {REFERENCE_DIR} (set PI05_REFERENCE)")
+    return REFERENCE_DIR
+
+
+@functools.cache
+def _load(dtype: str):
+    from pi05_jax.runtime import Model
+
+    return Model.load(REFERENCE_DIR / "checkpoint", dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(reference_dir):
+    """The shared tiny reference model, float32 (pi05_jax.runtime.Model)."""
+    return _load("float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(reference_dir):
+    return _load("bfloat16")
+
+
+@pytest.fixture(scope="session")
+def model_cases(reference_dir):
+    return np.load(reference_dir / "model_cases.npz")
+
+
+def case_inputs(cases, name: str) -> dict[str, np.ndarray]:
+    prefix = f"{name}/in/"
+    return {k[len(prefix):]: cases[k] for k in cases.files if k.startswith(prefix)}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
