@@ -40,8 +40,9 @@ def infer_config(
     expert = _gemma(shapes, "_1", where)
     p, _, _, sw = _shape(shapes, f"{_IMG}/embedding/kernel", 4, where)
     _, num_patches, _ = _shape(shapes, f"{_IMG}/pos_embedding", 3, where)
-    sdepth, _, sheads, _ = _shape(shapes, f"{_IMG}/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel", 4, where)
-    _, _, smlp = _shape(shapes, f"{_IMG}/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel", 3, where)
+    block = f"{_IMG}/Transformer/encoderblock"
+    sdepth, _, sheads, _ = _shape(shapes, f"{block}/MultiHeadDotProductAttention_0/query/kernel", 4, where)
+    _, _, smlp = _shape(shapes, f"{block}/MlpBlock_0/Dense_0/kernel", 3, where)
     vocab, _ = _shape(shapes, "PaliGemma/llm/embedder/input_embedding", 2, where)
     action_dim, _ = _shape(shapes, "action_in_proj/kernel", 2, where)
     try:
