@@ -32,7 +32,7 @@ def _ocp():
 
 
 def params_dir(checkpoint_dir: str | pathlib.Path) -> pathlib.Path:
-    root = pathlib.Path(checkpoint_dir).expanduser()
+    root = pathlib.Path(checkpoint_dir).expanduser().resolve()
     if not root.exists():
         raise CheckpointError(f"checkpoint directory {str(root)!r} does not exist")
     if not root.is_dir():

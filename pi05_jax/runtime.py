@@ -30,12 +30,15 @@ class Model:
     @classmethod
     def load(cls, checkpoint_dir, *, dtype: str = "bfloat16", kernels: str = "reference",
              progress: Callable[[str], None] | None = None) -> Model:
+        from checkpoints import quantized_io
         from checkpoints.openpi_io import load_params
 
         check_kernels(kernels)
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-        config, params = load_params(checkpoint_dir, dtype=DTYPES[dtype], progress=progress)
+        # A `pi05 quantize` checkpoint (it holds pi05_quantization.json) loads FP8/FP4 weight objects.
+        load = quantized_io.load_quantized_params if quantized_io.is_quantized(checkpoint_dir) else load_params
+        config, params = load(checkpoint_dir, dtype=DTYPES[dtype], progress=progress)
         return cls(config=config, params=params, kernels=kernels)
 
     @property

@@ -151,6 +151,11 @@ class Implementation:
     prefill: Callable
     denoise: Callable
     description: str = ""
+    # Optional host-side hooks for implementations that specialise on concrete inputs (pi05_jax.fast_path):
+    # prepare(params, obs, num_steps) -> (params plus cached device constants, hashable static plan), run before the
+    # jit; specialize(plan) -> Implementation whose phases have the plan baked in, run inside it.
+    prepare: Callable | None = None
+    specialize: Callable | None = None
 
     def sample(self, params, obs: Observation, noise, num_steps: int):
         prefix = self.prefill(params, obs, self.vision(params, obs))
@@ -182,9 +187,12 @@ def _noise_for(obs: Observation, params, noise, rng, action_horizon):
     return jax.random.normal(rng, (obs.batch_size, action_horizon, a), jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "kernels"))
-def _sample_jit(params, obs, noise, num_steps, kernels):
-    return IMPLEMENTATIONS[kernels].sample(params, obs, noise, num_steps)
+@functools.partial(jax.jit, static_argnames=("num_steps", "kernels", "plan"))
+def _sample_jit(params, obs, noise, num_steps, kernels, plan=None):
+    impl = IMPLEMENTATIONS[kernels]
+    if plan is not None:
+        impl = impl.specialize(plan)
+    return impl.sample(params, obs, noise, num_steps)
 
 
 def sample_actions(params, observation: Observation, *, noise=None, rng=None, num_steps: int = 10,
@@ -193,7 +201,10 @@ def sample_actions(params, observation: Observation, *, noise=None, rng=None, nu
     if kernels not in IMPLEMENTATIONS:
         raise ValueError(f"unknown kernels {kernels!r}; available: {sorted(IMPLEMENTATIONS)}")
     noise = _noise_for(observation, params, noise, rng, action_horizon)
-    return _sample_jit(params, observation, jnp.asarray(noise, jnp.float32), num_steps, kernels)
+    plan = None
+    if IMPLEMENTATIONS[kernels].prepare is not None:
+        params, plan = IMPLEMENTATIONS[kernels].prepare(params, observation, num_steps)
+    return _sample_jit(params, observation, jnp.asarray(noise, jnp.float32), num_steps, kernels, plan)
 
 
 @jax.jit
@@ -206,3 +217,6 @@ def reference_intermediates(params, obs: Observation, noise):
     v_t1 = velocity(params, prefix, noise, jnp.float32(1.0))
     return {"image_tokens": image_tokens, "prefix_tokens": tokens, "prefix_k": prefix.kv[0],
             "prefix_v": prefix.kv[1], "velocity_t1": v_t1}
+
+
+from pi05_jax import fast_path  # noqa: E402, F401  (registers the "compact" and "pallas" implementations)

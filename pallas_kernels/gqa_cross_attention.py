@@ -1,0 +1,243 @@
+"""GQA cross-attention for the action tokens: queries over (valid prefix KV ++ their own KV), flash-decoding style.
+
+Axis legend: B batch, T action (query) tokens, S prefix slots, N q heads, K kv heads, G group (N // K), H head dim,
+R query rows of one KV head (T * G; row r is token r // G, head r % G), P prefix splits, J splits (P + 1).
+
+pi0.5's denoise step has 50 action tokens x 8 query heads sharing one KV head (head_dim 256): per KV head that is
+one [400, 256] query matrix against the prefix cache (lengths[b] valid slots at the front) plus the 50 tokens'
+own K/V. With batch 1 a kernel that loops over all keys in one program per row block leaves most SMs idle, so the
+key axis is split over the grid (flash decoding): grid (B, K, J, row blocks), split j < P covers prefix keys
+[j*split_k, (j+1)*split_k) clipped to the row's length (splits past it load nothing), split P covers the self keys.
+Each program writes its fp32 partial (accumulator, max, sum); a small plain-JAX step combines the J partials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
+
+from pallas_kernels._interpret import resolve_interpret
+from pallas_kernels.ragged_prefill_attention import (
+    MIN_TILE,
+    REFERENCE_MASK_VALUE,
+    _is_power_of_2,
+    attend_key_range,
+    dot_precision,
+    init_carry,
+    key_block_for,
+    tile_for,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the GQA cross-attention kernel.
+
+    block_rows: query rows per program, counted as (token, head) pairs of one KV head (power of 2, >= 16).
+    block_k: keys per inner step (power of 2, >= 16; capped at 16 for float32 inputs).
+    split_k: prefix keys per program, the flash-decoding split (a multiple of block_k).
+    num_warps / num_stages: Triton launch parameters.
+    """
+
+    block_rows: int = 64
+    block_k: int = 64
+    split_k: int = 128
+    num_warps: int = 8  # at head_dim 256, 4 warps spill the [64, 256] fp32 accumulator (ptxas, sm_90a)
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_rows", "block_k"):
+            value = getattr(self, name)
+            if not (_is_power_of_2(value) and value >= MIN_TILE):
+                raise ValueError(f"BlockSizes.{name} must be a power of 2 >= {MIN_TILE}; got {value=}")
+        if self.split_k < self.block_k or self.split_k % self.block_k:
+            raise ValueError(f"BlockSizes.split_k must be a multiple of block_k; got {self.split_k=}, {self.block_k=}")
+        if self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"BlockSizes needs num_warps, num_stages >= 1; got {self.num_warps=}, {self.num_stages=}")
+
+
+def _cross_kernel(
+    len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, acc_ref, max_ref, sum_ref,
+    *, prefix_len, self_len, num_prefix_splits, split_k, block_rows, block_k, block_k_self, precision,
+):  # fmt: skip
+    rows_total, head_dim = q_ref.shape
+    split = pl.program_id(2)
+    row_start = jnp.minimum(pl.program_id(3) * block_rows, rows_total - block_rows)
+    length = jnp.clip(len_ref[()], 0, prefix_len)
+    is_prefix = split < num_prefix_splits
+    q = q_ref[pl.ds(row_start, block_rows), :]
+    carry = init_carry(block_rows, head_dim)
+
+    begin = split * split_k
+    end = jnp.where(is_prefix, jnp.minimum(begin + split_k, length), 0)
+    carry = attend_key_range(q, kp_ref, vp_ref, carry, begin=begin, end=end, block_k=block_k, precision=precision)
+    self_end = jnp.where(is_prefix, jnp.int32(0), jnp.int32(self_len))  # two Python ints break the Triton lowering
+    carry = attend_key_range(q, ks_ref, vs_ref, carry, begin=0, end=self_end, block_k=block_k_self, precision=precision)
+
+    acc, row_max, row_sum = carry
+    acc_ref[pl.ds(row_start, block_rows), :] = acc
+    max_ref[pl.ds(row_start, block_rows)] = row_max
+    sum_ref[pl.ds(row_start, block_rows)] = row_sum
+
+
+def _check_inputs(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B,T,N,H]; got {q.shape=}")
+    b, t, n, h = q.shape
+    if k_prefix.ndim != 4 or k_prefix.shape != v_prefix.shape:
+        raise ValueError(f"k_prefix and v_prefix must both be [B,S,K,H]; got {k_prefix.shape=}, {v_prefix.shape=}")
+    if k_self.ndim != 4 or k_self.shape != v_self.shape:
+        raise ValueError(f"k_self and v_self must both be [B,T,K,H]; got {k_self.shape=}, {v_self.shape=}")
+    kh = k_prefix.shape[2]
+    if k_prefix.shape[0] != b or k_prefix.shape[3] != h:
+        raise ValueError(f"k_prefix [B,S,K,H] must match q [B,T,N,H] in B and H; got {q.shape=}, {k_prefix.shape=}")
+    if k_self.shape != (b, t, kh, h):
+        raise ValueError(f"k_self must be [B,T,K,H] = {(b, t, kh, h)}; got {k_self.shape=}")
+    if n % kh:
+        raise ValueError(f"q heads must be a multiple of kv heads (GQA); got {q.shape=}, {k_prefix.shape=}")
+    if len({q.dtype, k_prefix.dtype, v_prefix.dtype, k_self.dtype, v_self.dtype}) != 1:
+        raise ValueError(
+            f"q and all K/V must share a dtype; got {q.dtype=}, {k_prefix.dtype=}, {v_prefix.dtype=}, "
+            f"{k_self.dtype=}, {v_self.dtype=}"
+        )
+    if prefix_lengths.shape != (b,) or not jnp.issubdtype(prefix_lengths.dtype, jnp.integer):
+        raise ValueError(
+            f"prefix_lengths must be integer [B] with {b=}; got {prefix_lengths.shape=}, {prefix_lengths.dtype=}"
+        )
+
+
+def gqa_cross_attention(
+    q: jax.Array,
+    k_prefix: jax.Array,
+    v_prefix: jax.Array,
+    prefix_lengths: jax.Array,
+    k_self: jax.Array,
+    v_self: jax.Array,
+    *,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Softmax attention of q over (valid prefix keys ++ all self keys).
+
+    q [B,T,N,H] (RoPE'd, pre-scaled by H**-0.5), k_prefix/v_prefix [B,S,K,H] with prefix_lengths int [B] valid slots
+    at the front (clamped to [0, S]), k_self/v_self [B,T,K,H] (all valid). Returns [B,T,N,H] in q.dtype.
+    `interpret=None` runs Pallas interpret mode when the default backend is the CPU.
+    """
+    prefix_lengths = jnp.asarray(prefix_lengths)
+    _check_inputs(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self)
+    interpret = resolve_interpret(interpret)
+    if not interpret and not _is_power_of_2(q.shape[3]):
+        raise ValueError(f"the Triton lowering needs a power-of-2 head dim; got {q.shape=}")
+    return _gqa_cross(
+        q, k_prefix, v_prefix, prefix_lengths.astype(jnp.int32), k_self, v_self,
+        block_sizes=block_sizes, interpret=interpret,
+    )  # fmt: skip
+
+
+def _pad_axis1(x, size):
+    return x if x.shape[1] >= size else jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, 0), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def _gqa_cross(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self, *, block_sizes: BlockSizes, interpret: bool):
+    b, t, n, h = q.shape
+    s, kh = k_prefix.shape[1], k_prefix.shape[2]
+    g = n // kh
+    rows = t * g
+    block_rows = tile_for(rows, block_sizes.block_rows)
+    block_k = tile_for(s, key_block_for(q.dtype, block_sizes.block_k))
+    split_k = max(block_sizes.split_k // block_k * block_k, block_k)
+    block_k_self = tile_for(t, key_block_for(q.dtype, block_sizes.block_k))
+    num_prefix_splits = pl.cdiv(s, split_k)
+
+    # [B,T,K,G,H] -> [B,K,T*G,H]; a bitcast when K == 1. Pads below only trigger for inputs smaller than one tile.
+    qr = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+    if rows < block_rows:
+        qr = jnp.pad(qr, ((0, 0), (0, 0), (0, block_rows - rows), (0, 0)))
+    k_prefix, v_prefix = _pad_axis1(k_prefix, block_k), _pad_axis1(v_prefix, block_k)
+    k_self, v_self = _pad_axis1(k_self, block_k_self), _pad_axis1(v_self, block_k_self)
+    rows_padded = qr.shape[2]
+    splits = num_prefix_splits + 1
+
+    kernel = functools.partial(
+        _cross_kernel,
+        prefix_len=s,
+        self_len=t,
+        num_prefix_splits=num_prefix_splits,
+        split_k=split_k,
+        block_rows=block_rows,
+        block_k=block_k,
+        block_k_self=block_k_self,
+        precision=dot_precision(q.dtype),
+    )
+    grid = (b, kh, splits, pl.cdiv(rows_padded, block_rows))
+    acc, row_max, row_sum = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((b, kh, splits, rows_padded, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, splits, rows_padded), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, splits, rows_padded), jnp.float32),
+        ),
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((None,), lambda bi, ki, ji, ri: (bi,)),
+            pl.BlockSpec((None, None, rows_padded, h), lambda bi, ki, ji, ri: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, k_prefix.shape[1], None, h), lambda bi, ki, ji, ri: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, k_prefix.shape[1], None, h), lambda bi, ki, ji, ri: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, k_self.shape[1], None, h), lambda bi, ki, ji, ri: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, k_self.shape[1], None, h), lambda bi, ki, ji, ri: (bi, 0, ki, 0)),
+        ],
+        out_specs=(
+            pl.BlockSpec((None, None, None, rows_padded, h), lambda bi, ki, ji, ri: (bi, ki, ji, 0, 0)),
+            pl.BlockSpec((None, None, None, rows_padded), lambda bi, ki, ji, ri: (bi, ki, ji, 0)),
+            pl.BlockSpec((None, None, None, rows_padded), lambda bi, ki, ji, ri: (bi, ki, ji, 0)),
+        ),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
+        interpret=interpret,
+        name="gqa_cross_attention",
+    )(prefix_lengths, qr, k_prefix, v_prefix, k_self, v_self)
+
+    out = combine_splits(acc, row_max, row_sum)[:, :, :rows]  # [B,K,R,H] float32
+    return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def combine_splits(acc, row_max, row_sum):
+    """Merge flash-decoding partials over axis 2: acc [B,K,J,R,H], row_max and row_sum [B,K,J,R] -> [B,K,R,H] f32.
+
+    Splits that saw no key carry (acc 0, max = mask value, sum 0) and get weight exp(mask - max) == 0; the self
+    split always has keys, so every row's total is positive.
+    """
+    weight = jnp.exp(row_max - jnp.max(row_max, axis=2, keepdims=True))
+    total = jnp.sum(weight * row_sum, axis=2)
+    return jnp.sum(weight[..., None] * acc, axis=2) / total[..., None]
+
+
+def gqa_cross_attention_reference(
+    q: jax.Array,
+    k_prefix: jax.Array,
+    v_prefix: jax.Array,
+    prefix_lengths: jax.Array,
+    k_self: jax.Array,
+    v_self: jax.Array,
+) -> jax.Array:
+    """Plain-JAX GQA cross-attention: upstream's masked softmax over (prefix ++ self) keys, fp32 logits and probs
+    in q.dtype. Same arguments and result as `gqa_cross_attention`."""
+    prefix_lengths = jnp.asarray(prefix_lengths)
+    _check_inputs(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self)
+    b, t, n, h = q.shape
+    s, kh = k_prefix.shape[1], k_prefix.shape[2]
+    k = jnp.concatenate([k_prefix, k_self], axis=1)
+    v = jnp.concatenate([v_prefix, v_self], axis=1)
+    valid = jnp.concatenate(
+        [jnp.arange(s)[None, :] < prefix_lengths[:, None], jnp.ones((b, t), bool)], axis=1
+    )  # [B,S+T]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(valid[:, None, None, None, :], logits, REFERENCE_MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)

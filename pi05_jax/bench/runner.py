@@ -1,0 +1,128 @@
+"""Timing one implementation: compile, the one-jit sample, each phase jitted alone, memory, executed FLOPs.
+
+Every timed call is `block_until_ready`'d. Warm runs are interleaved (total, vision, prefill, denoise, then again)
+so drift on a shared machine hits every figure alike. Latency statistics are over warm runs: median, p10, p90.
+The phases are separate executables fed with the previous phase's real output; their medians should add up to
+the one-jit total within PHASE_SUM_TOLERANCE, and the result says whether they do. An implementation with a
+host-side `prepare` (run by `sampler.sample_actions` before every call) has it timed on its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from pi05_jax.bench import hardware, jaxpr_flops
+from pi05_jax.bench.implementations import Phased
+from pi05_jax.bench.roofline import PHASES
+
+PHASE_SUM_TOLERANCE = 0.10
+WARMUP_RUNS = 2
+
+
+def stats(seconds: list[float]) -> dict:
+    a = np.asarray(seconds, np.float64)
+    return {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)),
+            "p90_s": float(np.percentile(a, 90)), "min_s": float(a.min()), "mean_s": float(a.mean()), "n": len(a)}
+
+
+def compile_timed(fn, args) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def call_timed(compiled, args) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return out, time.perf_counter() - t0
+
+
+def executable_memory(compiled) -> dict:
+    """XLA's static memory plan of one executable (arguments, outputs, temporaries), where it reports one."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception as e:  # not every backend implements it
+        return {"available": False, "reason": f"memory_analysis() failed: {type(e).__name__}: {e}"}
+    if m is None:
+        return {"available": False, "reason": "memory_analysis() returned None on this backend"}
+    arg, out, tmp = m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
+    alias = m.alias_size_in_bytes
+    return {"available": True, "argument_bytes": arg, "output_bytes": out, "temp_bytes": tmp, "alias_bytes": alias,
+            "total_bytes": arg + out + tmp - alias}
+
+
+def executed_flops(p: Phased, params, obs, noise, vision_out, prefix) -> dict:
+    counts = {"vision": jaxpr_flops.matmul_flops(p.vision, params, obs),
+              "prefill": jaxpr_flops.matmul_flops(p.prefill, params, obs, vision_out),
+              "denoise": jaxpr_flops.matmul_flops(p.denoise, params, prefix, noise)}
+    return {ph: {"matmul_flops": c.flops, "exact": c.exact, "opaque": sorted(set(c.opaque)),
+                 "inexact": sorted(set(c.inexact))} for ph, c in counts.items()}
+
+
+def run_implementation(p: Phased, obs, noise, *, runs: int, say) -> dict:
+    params = p.params
+    say(f"[{p.name}] compiling the one-jit sample" + (f" ({p.variant})" if p.variant != p.name else ""))
+    sample_c, compile_s = compile_timed(p.sample, (params, obs, noise))
+    actions, first_s = call_timed(sample_c, (params, obs, noise))
+    say(f"[{p.name}] compiled in {compile_s:.1f} s, first call {first_s * 1e3:.1f} ms; compiling the phases")
+    vision_c, vision_compile_s = compile_timed(p.vision, (params, obs))
+    vision_out, _ = call_timed(vision_c, (params, obs))
+    prefill_c, prefill_compile_s = compile_timed(p.prefill, (params, obs, vision_out))
+    prefix, _ = call_timed(prefill_c, (params, obs, vision_out))
+    denoise_c, denoise_compile_s = compile_timed(p.denoise, (params, prefix, noise))
+    call_timed(denoise_c, (params, prefix, noise))
+
+    calls = {"total": (sample_c, (params, obs, noise)), "vision": (vision_c, (params, obs)),
+             "prefill": (prefill_c, (params, obs, vision_out)), "denoise": (denoise_c, (params, prefix, noise))}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    if p.prepare is not None:
+        times["prepare"] = []
+    say(f"[{p.name}] timing {runs} warm runs (after {WARMUP_RUNS} warm-up)")
+    for i in range(WARMUP_RUNS + runs):
+        for key, (c, args) in calls.items():
+            _, t = call_timed(c, args)
+            if i >= WARMUP_RUNS:
+                times[key].append(t)
+        if p.prepare is not None:
+            t0 = time.perf_counter()
+            p.prepare()
+            if i >= WARMUP_RUNS:
+                times["prepare"].append(time.perf_counter() - t0)
+    total = stats(times["total"])
+    prepare = stats(times["prepare"]) if p.prepare is not None else None
+    phases = {ph: stats(times[ph]) for ph in PHASES}
+    phase_sum = sum(phases[ph]["median_s"] for ph in PHASES)
+    ratio = phase_sum / total["median_s"]
+    _, peak, mem_reason = hardware.bytes_in_use()
+    actions = np.asarray(actions, np.float32)
+    return {
+        "name": p.name,
+        "variant": p.variant,
+        "description": p.description,
+        "compile_s": compile_s,
+        "first_call_s": first_s,
+        "time_to_first_action_s": compile_s + first_s,
+        "phase_compile_s": {"vision": vision_compile_s, "prefill": prefill_compile_s, "denoise": denoise_compile_s},
+        "total": total,
+        "hz": 1.0 / total["median_s"],
+        "host_prepare": prepare,
+        "host_prepare_note": None if prepare is None else (
+            "host work sampler.sample_actions does before every call (reading the masks, plan); not in 'total'"),
+        "phases": phases,
+        "phase_sum_s": phase_sum,
+        "phase_sum_over_total": ratio,
+        "phases_add_up": abs(ratio - 1.0) <= PHASE_SUM_TOLERANCE,
+        "phase_sum_tolerance": PHASE_SUM_TOLERANCE,
+        "memory": {
+            "device_peak_bytes": peak,
+            "device_peak_note": ("allocator peak of the process so far (implementations run in the order listed, "
+                                 "so later ones include earlier peaks)" if peak is not None else mem_reason),
+            "executable": executable_memory(sample_c),
+        },
+        "executed": executed_flops(p, params, obs, noise, vision_out, prefix),
+        "actions": actions,
+        "actions_finite": bool(np.all(np.isfinite(actions))),
+    }

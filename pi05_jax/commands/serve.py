@@ -1,0 +1,118 @@
+"""`pi05 serve`: serve a pi0.5 checkpoint over openpi's websocket policy protocol.
+
+Robots keep their openpi client (`openpi_client.websocket_client_policy.WebsocketClientPolicy`) unchanged: send raw
+observations (camera frames, state, prompt) and get actions back. The model is loaded, compiled and warmed before the
+port opens; SIGINT/SIGTERM close every connection and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+import signal
+import sys
+
+from pi05_jax.commands.common import Progress, UsageError, add_model_args, formatter
+
+EPILOG = """\
+The request keys depend on --adapter (docs/ROBOTS.md):
+  libero  observation/image, observation/wrist_image (uint8 [H,W,3]), observation/state [8], prompt -> actions [50,7]
+  droid   observation/exterior_image_1_left, observation/wrist_image_left, observation/joint_position [7],
+          observation/gripper_position [1], prompt                                            -> actions [50,8]
+  FILE.json  your robot's description (key mapping, which cameras exist, action dims)
+A request may add "noise" float32 [50, 32] (horizon, model action dim) to fix the sampling noise.
+Errors come back as a text frame (the openpi client raises them) and the connection stays usable.
+
+examples:
+  pi05 serve --checkpoint ckpt/pi05_libero --adapter libero --norm-stats physical-intelligence/libero \\
+      --tokenizer ~/.cache/openpi/big_vision/paligemma_tokenizer.model
+  pi05 serve --checkpoint ckpt/ --adapter my_robot.json --host 0.0.0.0 --port 8000 --api-key "$PI05_API_KEY"
+  curl http://127.0.0.1:8000/healthz
+
+  python -c "from openpi_client.websocket_client_policy import WebsocketClientPolicy as P; \\
+      print(P('127.0.0.1', 8000).get_server_metadata())"
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over openpi's websocket policy protocol",
+                       description=__doc__, epilog=EPILOG, formatter_class=formatter())
+    add_model_args(p)
+    p.add_argument("--adapter", required=True, metavar="NAME|FILE.json",
+                   help="robot adapter: libero, droid, or a robot description JSON file (docs/ROBOTS.md)")
+    p.add_argument("--norm-stats", default=None, metavar="ASSET_ID",
+                   help="norm stats asset id under <checkpoint>/assets/ (default: the only one there)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="sentencepiece model (paligemma_tokenizer.model; default: openpi's cache if present)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, this machine only; 0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("PI05_API_KEY"), metavar="KEY",
+                   help="refuse connections without 'Authorization: Api-Key KEY' (default: $PI05_API_KEY, else none)")
+    p.add_argument("--num-steps", type=int, default=10, metavar="N", help="Euler steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: %(default)s)")
+    p.add_argument("--max-request-bytes", type=int, default=32 << 20, metavar="N",
+                   help="larger requests get an error frame (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=4, metavar="N",
+                   help="threads decoding and transforming requests (default: %(default)s)")
+    p.set_defaults(run=run)
+
+
+def _check_args(args) -> None:
+    if args.num_steps < 1:
+        raise UsageError(f"--num-steps must be >= 1, got {args.num_steps}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_request_bytes < 1024:
+        raise UsageError(f"--max-request-bytes must be >= 1024, got {args.max_request_bytes}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty")
+
+
+def run(args) -> int:
+    from checkpoints.openpi_io import read_config
+    from pi05_jax.policy.pipeline import Policy, policy_parts
+    from pi05_jax.runtime import Model
+    from pi05_jax.serving.server import PolicyServer, ServerConfig
+
+    _check_args(args)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pi05_jax").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    say = Progress(args.quiet)
+    checkpoint = pathlib.Path(args.checkpoint).expanduser().resolve()
+    parts = policy_parts(checkpoint, config=read_config(checkpoint), adapter=args.adapter,
+                         norm_stats=args.norm_stats, tokenizer=args.tokenizer)
+    model = Model.load(checkpoint, dtype=args.dtype, kernels=args.kernels, progress=say)
+    policy = Policy(model=model, num_steps=args.num_steps, seed=args.seed, **parts)
+    say(f"policy: adapter {policy.adapter.name}, norm stats {policy.norm_stats_path}, "
+        f"tokenizer {policy.tokenizer.path}")
+    say(f"compiling and warming up ({args.kernels}, {args.dtype}, {args.num_steps} steps)")
+    say(f"warm in {policy.warmup(progress=say):.1f} s")
+    server = PolicyServer(policy, ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                                               max_request_bytes=args.max_request_bytes, workers=args.workers))
+
+    def ready(host, port):
+        auth = "API key required" if args.api_key else "no API key"
+        # One stable line that scripts (and the tests) wait for.
+        print(f"pi05 serve: listening on ws://{host}:{port} ({auth}; health: http://{host}:{port}/healthz)",
+              file=sys.stderr, flush=True)
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await server.serve(stop, ready)
+
+    try:
+        asyncio.run(main())
+    except OSError as e:
+        raise UsageError(f"cannot listen on {args.host}:{args.port} ({e})") from e
+    print(f"pi05 serve: stopped after {server.requests} replies ({server.errors} errors)", file=sys.stderr,
+          flush=True)
+    return 0

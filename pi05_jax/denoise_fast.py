@@ -1,0 +1,181 @@
+"""Denoise fast path: adaRMS for every Euler step precomputed once per (checkpoint, num_steps), steps unrolled.
+
+The expert's adaRMS (scale, shift, gate) of every layer's two norms and of the final norm depends only on the
+step's time, and upstream's times are fixed by num_steps (`sampler.euler_times`). So the time MLP (sincos ->
+Linear -> swish -> Linear -> swish) and all 2 * depth + 1 modulation Dense layers are evaluated for all steps at once,
+in one batched computation, and kept on the device as a table [steps, ...]; the denoise loop reads step i's rows
+instead of ~113M modulation weights (full model) per step. The table is cached per (checkpoint leaves, num_steps)
+(`modulation_table`) and handed into the jit as part of the params pytree under CONSTANTS_KEY (`with_constants`);
+a denoise called on params without it computes the same table inside the jit, once, before the step loop.
+
+What is folded, and what is not:
+- folded: the time MLP and the modulation Dense layers (into the table); the Euler times and dt (Python constants);
+  per call, the suffix positions and the attention mask (once, not per step).
+- not folded: the adaRMS (1 + scale) into the following q/kv/gating weights. The scale changes every step, so a
+  fold needs one weight copy per step (num_steps x the expert's weights in memory, the same bytes read per step),
+  and it is not exact: upstream rounds the modulated activation to the model dtype before the matmul, a folded
+  weight rounds (1 + scale) * W instead. The modulate is an elementwise op XLA fuses into the normalization anyway.
+  The prefix LLM's RMSNorm (1 + scale) is not folded for the same rounding reason.
+
+Axis legend: B batch, T action tokens, A action dim, S prefix len, L layers, D width, I Euler step.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import jax
+import jax.numpy as jnp
+
+from pi05_jax import gemma, sampler
+from pi05_jax.compact_prefix import CompactPrefix
+from pi05_jax.linear import promoted_dense
+from pi05_jax.weights import weight_einsum
+
+CONSTANTS_KEY = "fast_path_constants"  # params[CONSTANTS_KEY]["adarms"]: the table of `modulation_table`
+
+
+def _conditioning_params(params) -> dict:
+    """The leaves the modulation table depends on (plus action_in_proj, whose width sizes the time embedding)."""
+    llm = params["PaliGemma"]["llm"]
+    layers = llm["layers"]
+    return {
+        "action_in_proj": params["action_in_proj"],
+        "time_mlp_in": params["time_mlp_in"],
+        "time_mlp_out": params["time_mlp_out"],
+        "PaliGemma": {"llm": {
+            "layers": {k: layers[k] for k in ("pre_attention_norm_1", "pre_ffw_norm_1")},
+            "final_norm_1": llm["final_norm_1"],
+        }},
+    }
+
+
+def compute_modulation_table(params, num_steps: int, dtype) -> dict:
+    """adaRMS for every step: {"attn"/"ffw": (scale, shift, gate) each [I, L, 1, 1, D], "final": each [I, 1, 1, D]}.
+
+    Row i is bit-for-bit what upstream computes at step i: the same time MLP and Dense layers on time[i]."""
+    times = jnp.asarray(sampler.euler_times(num_steps))
+    cond = sampler.time_conditioning(params, times)  # [I, Dc]
+    mods = gemma.expert_modulations(params["PaliGemma"]["llm"], cond, dtype)  # per layer [L, I, 1, D]
+    per_layer = {name: tuple(jnp.moveaxis(a, 1, 0)[:, :, None] for a in mods[name]) for name in ("attn", "ffw")}
+    return {**per_layer, "final": tuple(a[:, None] for a in mods["final"])}
+
+
+_table_jit = jax.jit(compute_modulation_table, static_argnames=("num_steps", "dtype"))
+
+# (num_steps, dtype, ids of the leaves) -> (weak references to those leaves, table). Weak references so a dropped
+# checkpoint is not kept alive by its table, and a reused id() is never mistaken for the same checkpoint.
+_TABLES: dict[tuple, tuple[list, dict]] = {}
+
+
+def modulation_table(params, num_steps: int) -> dict:
+    """The device-resident modulation table for this checkpoint and num_steps, computed on first use."""
+    sub = _conditioning_params(params)
+    leaves = jax.tree.leaves(sub)
+    dtype = jnp.dtype(sampler.params_dtype(params))
+    key = (num_steps, dtype.name, tuple(id(x) for x in leaves))
+    hit = _TABLES.get(key)
+    if hit is not None and all(ref() is leaf for ref, leaf in zip(hit[0], leaves, strict=True)):
+        return hit[1]
+    table = _table_jit(sub, num_steps=num_steps, dtype=dtype)
+    for k in [k for k, (refs, _) in _TABLES.items() if any(r() is None for r in refs)]:
+        del _TABLES[k]  # tables of checkpoints that are gone
+    _TABLES[key] = ([weakref.ref(x) for x in leaves], table)
+    return table
+
+
+def with_constants(params, num_steps: int) -> dict:
+    """params plus the cached modulation table under CONSTANTS_KEY (a new top-level dict; no leaf is copied)."""
+    return {**params, CONSTANTS_KEY: {"adarms": modulation_table(params, num_steps)}}
+
+
+def _table_in(params, num_steps: int) -> dict:
+    table = params.get(CONSTANTS_KEY, {}).get("adarms")
+    steps = len(sampler.euler_times(num_steps))
+    if table is None or table["final"][0].shape[0] != steps:
+        # No cached table for this num_steps: compute it here, batched over all steps, before the loop.
+        table = compute_modulation_table(params, num_steps, sampler.params_dtype(params))
+    return table
+
+
+def _step_modulations(table: dict, i):
+    """Step i's modulations in gemma.expert_forward's layout ([L, 1, 1, D] per layer, [1, 1, D] final); i is a
+    Python int (unrolled loop) or a traced index (fori_loop)."""
+    pick = (lambda a: a[i]) if isinstance(i, int) else (lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False))
+    return jax.tree.map(pick, table)
+
+
+def xla_suffix_attention(lengths):
+    """Action tokens attend to the compacted prefix (key s valid iff s < lengths[b]) plus all action tokens."""
+
+    def attend(q, ck, cv, k, v):
+        b, t = q.shape[:2]
+        s = ck.shape[1]
+        prefix_valid = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+        mask = jnp.concatenate(
+            [jnp.broadcast_to(prefix_valid[:, None, :], (b, t, s)), jnp.ones((b, t, t), bool)], axis=-1)
+        return gemma.masked_attention(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), mask)
+
+    return attend
+
+
+def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend):
+    """One action-expert layer, the body of `gemma.expert_forward` (same ops in the same order)."""
+    s1, sh1, g1 = mods_attn
+    s2, sh2, g2 = mods_ffw
+    attn = p["attn"]
+    h = gemma.ada_rms_norm(x, s1, sh1)
+    q = weight_einsum("BTD,NDH->BTNH", h, attn["q_einsum_1"]["w"])
+    k, v = weight_einsum("BSD,CKDH->CBSKH", h, attn["kv_einsum_1"]["w"])
+    q = gemma.rope(q, positions) * jnp.asarray(q.shape[-1] ** -0.5, h.dtype)
+    o = attend(q, ck, cv, gemma.rope(k, positions), v)
+    x = x + weight_einsum("BTNH,NHD->BTD", o, attn["attn_vec_einsum_1"]["w"]) * g1
+    h = gemma.ada_rms_norm(x, s2, sh2)
+    return x + gemma.feed_forward(h, p["mlp_1"]) * g2
+
+
+def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_layers: bool):
+    """`gemma.expert_forward` with the layer loop either a lax.scan (one loop body) or unrolled in Python."""
+    if not unroll_layers:
+        return gemma.expert_forward(llm_params, x, mods, kv_cache, positions, attend)
+    lp = gemma.expert_layers(llm_params)
+    cache_k, cache_v = kv_cache
+    for layer in range(cache_k.shape[0]):
+        def pick(a, layer=layer):
+            return a[layer]
+
+        x = _expert_layer(x, jax.tree.map(pick, lp), cache_k[layer], cache_v[layer],
+                          jax.tree.map(pick, mods["attn"]), jax.tree.map(pick, mods["ffw"]), positions, attend)
+    s, sh, _ = mods["final"]
+    return gemma.ada_rms_norm(x, s, sh)
+
+
+def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_attention=xla_suffix_attention,
+            unroll_steps: bool = True, unroll_layers: bool = False):
+    """Upstream's Euler loop x <- x + dt * v(x, t) from noise [B,T,A] (float32) -> actions [B,T,A] float32.
+
+    `suffix_attention(lengths)` returns the per-layer attention `(q, k_prefix, v_prefix, k_self, v_self) -> out`.
+    Steps are unrolled (a Python loop over the known times: one straight-line executable) or a fori_loop; the
+    expert's layers are a lax.scan or, with `unroll_layers`, unrolled too (more code, no loop bookkeeping)."""
+    llm = params["PaliGemma"]["llm"]
+    dtype = sampler.params_dtype(params)
+    table = _table_in(params, num_steps)
+    steps = len(sampler.euler_times(num_steps))
+    dt = -1.0 / num_steps
+    horizon = noise.shape[1]
+    positions = prefix.lengths[:, None] + jnp.arange(horizon, dtype=jnp.int32)[None, :]
+    attend = suffix_attention(prefix.lengths)
+
+    def step(x, i):
+        tokens = promoted_dense(x, params["action_in_proj"]["kernel"], params["action_in_proj"]["bias"])
+        out = expert_forward(llm, tokens.astype(dtype), _step_modulations(table, i), prefix.kv, positions, attend,
+                             unroll_layers=unroll_layers)
+        v = promoted_dense(out, params["action_out_proj"]["kernel"], params["action_out_proj"]["bias"])
+        return x + dt * v
+
+    x = noise
+    if unroll_steps:
+        for i in range(steps):
+            x = step(x, i)
+        return x
+    return jax.lax.fori_loop(0, steps, lambda i, x: step(x, i), x)

@@ -1,0 +1,114 @@
+"""The fast paths `compact` (plain-JAX attention) and `pallas` (the Pallas attention kernels), registered in
+`pi05_jax.sampler.IMPLEMENTATIONS` so `--kernels compact|pallas` selects them.
+
+Both run the same exact restructuring of upstream's computation (each piece is documented where it lives):
+- `pi05_jax.compact_prefix`: SigLIP on the valid views only; the prefix compacted to a bucket with per-row lengths;
+  the last prefill layer computes K and V only.
+- `pi05_jax.denoise_fast`: adaRMS + time MLP precomputed per (checkpoint, num_steps) and cached on the device;
+  Euler steps unrolled (or a fori_loop); the suffix attention sees the bucket-long cache plus the action tokens.
+They differ only in the attention callables: `compact` uses XLA masked attention, `pallas` calls
+`pallas_kernels.ragged_prefill_attention` in prefill and `pallas_kernels.gqa_cross_attention` in denoise (in Pallas
+interpret mode on the CPU).
+
+Static shapes come from the host: `prepare` (run by `sampler.sample_actions` before the jit) reads the observation's
+masks and returns a `PrefixPlan` (valid-view count, bucket), so the executable is keyed by (batch, valid views,
+bucket, num_steps); `specialize(plan)` bakes the plan into the phases. Phases called without a plan (e.g. inside
+another jit) use a plan that holds any observation: all view slots and the whole padded prefix, bucketed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from pi05_jax import compact_prefix, denoise_fast, sampler
+from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
+
+ATTENTIONS = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPathOptions:
+    attention: str = "xla"  # "xla": plain-JAX masked attention; "pallas": the Pallas kernels
+    bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (see compact_prefix.DEFAULT_BUCKET_SIZE)
+    unroll_steps: bool = True  # Euler steps as straight-line code (True) or a lax.fori_loop (False)
+    unroll_layers: bool = False  # the expert's layers unrolled in Python (True) or a lax.scan (False)
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.bucket_size < 1:
+            raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
+
+
+# --- attention callables ------------------------------------------------------------------------------------------
+
+
+def pallas_prefill_attention(lengths):
+    from pallas_kernels.ragged_prefill_attention import ragged_prefill_attention
+
+    return lambda q, k, v: ragged_prefill_attention(q, k, v, lengths)
+
+
+def pallas_suffix_attention(lengths):
+    from pallas_kernels.gqa_cross_attention import gqa_cross_attention
+
+    return lambda q, ck, cv, k, v: gqa_cross_attention(q, ck, cv, lengths, k, v)
+
+
+def _attentions(options: FastPathOptions):
+    if options.attention == "pallas":
+        return pallas_prefill_attention, pallas_suffix_attention
+    return compact_prefix.xla_prefill_attention, denoise_fast.xla_suffix_attention
+
+
+# --- phases -------------------------------------------------------------------------------------------------------
+
+
+def vision(params, obs, *, plan: PrefixPlan | None, options: FastPathOptions):
+    plan = plan or compact_prefix.full_plan(params, obs)
+    return compact_prefix.encode_valid_views(params, obs, plan.num_views, sampler.params_dtype(params))
+
+
+def prefill(params, obs, views, *, plan: PrefixPlan | None, options: FastPathOptions):
+    plan = plan or compact_prefix.full_plan(params, obs)
+    tokens, lengths = compact_prefix.compact_prefix_tokens(params, obs, views, plan.prefix_len,
+                                                           sampler.params_dtype(params))
+    return compact_prefix.compact_prefill(params, tokens, lengths, _attentions(options)[0])
+
+
+def denoise(params, prefix, noise, num_steps, *, options: FastPathOptions):
+    return denoise_fast.denoise(params, prefix, noise, num_steps, suffix_attention=_attentions(options)[1],
+                                unroll_steps=options.unroll_steps, unroll_layers=options.unroll_layers)
+
+
+def make_implementation(name: str, options: FastPathOptions, description: str = "") -> sampler.Implementation:
+    """An Implementation running the fast path with these options (register it to select it by name)."""
+
+    def phases(plan):
+        return dict(vision=functools.partial(vision, plan=plan, options=options),
+                    prefill=functools.partial(prefill, plan=plan, options=options))
+
+    def prepare(params, obs, num_steps):
+        plan = compact_prefix.plan_for(params, obs, options.bucket_size)
+        return denoise_fast.with_constants(params, num_steps), plan
+
+    @functools.cache
+    def specialize(plan: PrefixPlan) -> sampler.Implementation:
+        return dataclasses.replace(base, name=f"{name}[views={plan.num_views},prefix={plan.prefix_len}]",
+                                   prepare=None, specialize=None, **phases(plan))
+
+    base = sampler.Implementation(
+        name=name, denoise=functools.partial(denoise, options=options), description=description,
+        prepare=prepare, specialize=specialize, **phases(None))
+    return base
+
+
+COMPACT = make_implementation(
+    "compact", FastPathOptions(attention="xla"),
+    "valid views only, compacted bucketed prefix, precomputed adaRMS, unrolled steps; XLA attention")
+PALLAS = make_implementation(
+    "pallas", FastPathOptions(attention="pallas"),
+    "as 'compact', with the Pallas ragged prefill and GQA cross-attention kernels (interpret mode on CPU)")
+sampler.register(COMPACT)
+sampler.register(PALLAS)

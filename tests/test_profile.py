@@ -1,0 +1,168 @@
+"""`pi05 profile` on the CPU (tiny preset), and the trace reader on traces whose answer is known.
+
+On the CPU there are no device kernels, so the real run exercises the host-op fallback; the device (GPU) path is
+checked on a small Perfetto trace written here with the layout the GPU profiler produces (device process, stream
+threads, an `XLA Ops` line that must not be double counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pi05_jax.bench import trace
+from pi05_jax.cli import main
+
+PHASES = ("vision", "prefill", "denoise")
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr without the warnings about fast-path modules that failed to import, which
+    other work in progress may cause and which are printed once per process)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    lines = [ln for ln in err.getvalue().splitlines(keepends=True) if not ln.startswith("warning: skipping ")]
+    return code, out.getvalue(), "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def profile_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("profile")
+    code, out, err = run_cli(["profile", "--preset", "tiny", "--runs", "2", "--steps", "2", "--top", "7",
+                              "--trace-dir", str(tmp / "traces"), "--json", str(tmp / "p.json")])
+    assert code == 0, err[-2000:]
+    return json.loads((tmp / "p.json").read_text()), out, tmp
+
+
+def test_profile_writes_loadable_traces(profile_run):
+    doc, _, tmp = profile_run
+    (s,) = doc["implementations"]
+    run_dir = tmp / "traces" / "reference"
+    assert list(run_dir.rglob("*.xplane.pb")), "no xplane file (TensorBoard/xprof input)"
+    perfetto = list(run_dir.rglob("perfetto_trace.json.gz"))
+    assert perfetto and str(perfetto[0]) == s["trace"]
+    with gzip.open(perfetto[0], "rt") as f:
+        assert "traceEvents" in json.load(f)
+
+
+def test_profile_top_kernels_have_shares_and_phases(profile_run):
+    doc, out, _ = profile_run
+    (s,) = doc["implementations"]
+    assert s["mode"] == ("device" if HAS_GPU else "host")
+    if not HAS_GPU:
+        assert "no device kernels" in s["note"] and "no device kernels" in out
+    top = s["top"]
+    assert 0 < len(top) <= 7
+    assert all(a["time_us"] >= b["time_us"] for a, b in itertools.pairwise(top))
+    for k in top:
+        assert k["time_us"] > 0 and 0 < k["share"] <= 1 and k["count"] >= 1
+        assert k["share"] == pytest.approx(k["time_us"] / s["total_us"])
+        assert k["phase"] in (*PHASES, trace.UNATTRIBUTED)
+    assert sum(v["share"] for v in s["phases"].values()) == pytest.approx(1.0)
+    for ph in PHASES:  # every phase ran and was recognised
+        assert s["phases"][ph]["time_us"] > 0, ph
+    assert s["attributed_share"] > 0.5
+    assert s["calls"] == 2 and s["total_us_per_call"] == pytest.approx(s["total_us"] / 2)
+    for needle in ("share", "phase", "by phase:"):
+        assert needle in out
+
+
+def test_profile_bad_arguments_give_one_line(tmp_path):
+    for args, needle in ((["--kernels", "nope"], "available: "), (["--views", "9"], "--views must be in 1..3"),
+                         (["--prompt-len", "999"], "--prompt-len must be in 1..200"), (["--top", "0"], "--top")):
+        code, out, err = run_cli(["profile", "--preset", "tiny", "--trace-dir", str(tmp_path), *args])
+        assert code == 2 and needle in err and err.count("\n") == 1, (args, err)
+        assert out == ""
+
+
+def test_hlo_phases_follow_the_named_scopes():
+    def f(x, w):
+        with jax.named_scope("phase_vision"):
+            y = jnp.tanh(x @ w)
+        with jax.named_scope("phase_prefill"):
+            def body(c, _):
+                return jnp.sin(c @ w), None
+            y, _ = jax.lax.scan(body, y, None, length=3)
+        with jax.named_scope("phase_denoise"):
+            return (y @ w).sum()
+
+    x = jnp.ones((64, 64))
+    text = jax.jit(f).lower(x, x).compile().as_text()
+    info = trace.parse_hlo(text)
+    phases = set(info.phase.values())
+    assert phases == set(PHASES)
+    # The scan became a while loop whose body ops carry the prefill scope.
+    assert any(name.startswith("while") for name in info.control)
+    assert {info.phase[n] for n in info.control} == {"prefill"}
+
+
+def _write_trace(path, events, processes, threads):
+    meta = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}} for pid, name in processes.items()]
+    meta += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}}
+             for (pid, tid), name in threads.items()]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+
+
+def _x(pid, tid, ts, dur, name, **args):
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name, "args": args}
+
+
+def test_device_trace_summary(tmp_path):
+    hlo = trace.HloInfo(phase={"fusion.1": "vision", "gemm.2": "prefill", "fusion.3": "denoise"},
+                        control=frozenset())
+    events = [
+        _x(7, 1, 0, 30, "sgemm_kernel", hlo_op="gemm.2", hlo_module="jit_f"),
+        _x(7, 1, 40, 10, "loop_fusion", hlo_op="fusion.1", hlo_module="jit_f"),
+        _x(7, 1, 60, 20, "loop_fusion", hlo_op="fusion.3", hlo_module="jit_f"),
+        _x(7, 1, 90, 30, "sgemm_kernel", hlo_op="gemm.2", hlo_module="jit_f"),
+        _x(7, 1, 130, 10, "memcpy", hlo_op="copy.9", hlo_module="jit_f"),  # not in the phase map
+        _x(7, 2, 0, 140, "gemm.2", hlo_op="gemm.2"),  # "XLA Ops" line: derived, must not be counted
+        _x(1, 5, 0, 500, "PjitFunction(f)"),  # host
+    ]
+    path = tmp_path / "perfetto_trace.json.gz"
+    _write_trace(path, events, {7: "/device:GPU:0", 1: "/host:CPU"},
+                 {(7, 1): "Stream #13(Compute)", (7, 2): "XLA Ops", (1, 5): "python"})
+    s = trace.summarize(path, hlo=hlo, modules={"jit_f"}, calls=2, top=10)
+    assert s["mode"] == "device" and s["total_us"] == 100 and s["events"] == 5
+    top = s["top"]
+    assert (top[0]["name"], top[0]["phase"], top[0]["time_us"], top[0]["count"]) == ("sgemm_kernel", "prefill", 60, 2)
+    assert top[0]["share"] == pytest.approx(0.6) and top[0]["time_us_per_call"] == 30
+    # The same kernel name in two phases is listed once per phase.
+    assert {(k["name"], k["phase"]) for k in top} >= {("loop_fusion", "vision"), ("loop_fusion", "denoise")}
+    assert s["phases"]["unattributed"]["share"] == pytest.approx(0.1)
+    assert s["attributed_share"] == pytest.approx(0.9)
+
+
+def test_host_trace_counts_loops_by_their_own_time(tmp_path):
+    hlo = trace.HloInfo(phase={"while.1": "denoise", "fusion.2": "denoise", "fusion.3": "denoise",
+                               "fusion.4": "vision"}, control=frozenset({"while.1"}))
+    events = [
+        _x(1, 1, 0, 10, "fusion.4", hlo_op="fusion.4", hlo_module="jit_f"),
+        _x(1, 1, 20, 100, "while.1", hlo_op="while.1", hlo_module="jit_f"),
+        _x(1, 1, 25, 40, "fusion.2", hlo_op="fusion.2", hlo_module="jit_f"),
+        _x(1, 2, 70, 45, "fusion.3", hlo_op="fusion.3", hlo_module="jit_f"),  # another thread, inside the loop
+        _x(1, 1, 200, 5, "fusion.9", hlo_op="fusion.9", hlo_module="jit_other"),  # another module: ignored
+    ]
+    path = tmp_path / "perfetto_trace.json.gz"
+    _write_trace(path, events, {1: "/host:CPU"}, {(1, 1): "tf_XLAEigen", (1, 2): "tf_XLAEigen"})
+    s = trace.summarize(path, hlo=hlo, modules={"jit_f"}, calls=1, top=10)
+    assert s["mode"] == "host"
+    times = {k["name"]: k["time_us"] for k in s["top"]}
+    assert times == {"fusion.4": 10, "while.1": 15, "fusion.2": 40, "fusion.3": 45}
+    assert s["total_us"] == 110
+    assert s["phases"]["denoise"]["time_us"] == 100 and s["phases"]["vision"]["time_us"] == 10
+
+
+def test_missing_trace_is_a_clear_error(tmp_path):
+    with pytest.raises(trace.TraceError, match="no perfetto_trace.json.gz"):
+        trace.find_perfetto_trace(tmp_path)
