@@ -59,7 +59,9 @@ class ViewTokens:
 class CompactPrefix:
     """What denoising needs from the compacted prefix: the bucket-long KV cache and each row's valid length."""
 
-    kv: tuple  # (k, v), each [L, B, S, K, H]; rows past a batch row's length are padding
+    # (k, v), each [L, B, S, K, H] (unstacked layers: a tuple of L arrays [B, S, K, H]); rows past a batch row's
+    # length are padding
+    kv: tuple
     lengths: jax.Array  # int32 [B]: valid prefix tokens per row (also the first action token's position)
 
 

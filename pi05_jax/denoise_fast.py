@@ -1,4 +1,5 @@
-"""Denoise fast path: adaRMS for every Euler step precomputed once per (checkpoint, num_steps), steps unrolled.
+"""Denoise fast path: adaRMS for every Euler step precomputed once per (checkpoint, num_steps), steps unrolled or a
+fori_loop, layers a scan or (unstacked layout, pi05_jax.layer_stack) unrolled.
 
 The expert's adaRMS (scale, shift, gate) of every layer's two norms and of the final norm depends only on the
 step's time, and upstream's times are fixed by num_steps (`sampler.euler_times`). So the time MLP (sincos ->
@@ -27,7 +28,7 @@ import weakref
 import jax
 import jax.numpy as jnp
 
-from pi05_jax import gemma, sampler
+from pi05_jax import gemma, layer_stack, sampler
 from pi05_jax.compact_prefix import CompactPrefix
 from pi05_jax.linear import promoted_dense
 from pi05_jax.weights import weight_einsum
@@ -38,13 +39,14 @@ CONSTANTS_KEY = "fast_path_constants"  # params[CONSTANTS_KEY]["adarms"]: the ta
 def _conditioning_params(params) -> dict:
     """The leaves the modulation table depends on (plus action_in_proj, whose width sizes the time embedding)."""
     llm = params["PaliGemma"]["llm"]
-    layers = llm["layers"]
+    norms = layer_stack.per_layer(llm["layers"], lambda p: {k: p[k] for k in ("pre_attention_norm_1",
+                                                                              "pre_ffw_norm_1")})
     return {
         "action_in_proj": params["action_in_proj"],
         "time_mlp_in": params["time_mlp_in"],
         "time_mlp_out": params["time_mlp_out"],
         "PaliGemma": {"llm": {
-            "layers": {k: layers[k] for k in ("pre_attention_norm_1", "pre_ffw_norm_1")},
+            "layers": norms,
             "final_norm_1": llm["final_norm_1"],
         }},
     }
@@ -135,28 +137,44 @@ def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend):
 
 
 def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_layers: bool):
-    """`gemma.expert_forward` with the layer loop either a lax.scan (one loop body) or unrolled in Python."""
-    if not unroll_layers:
-        return gemma.expert_forward(llm_params, x, mods, kv_cache, positions, attend)
-    lp = gemma.expert_layers(llm_params)
-    cache_k, cache_v = kv_cache
-    for layer in range(cache_k.shape[0]):
-        def pick(a, layer=layer):
-            return a[layer]
+    """`gemma.expert_forward` with the layer loop either a lax.scan (one loop body) or unrolled in Python.
 
-        x = _expert_layer(x, jax.tree.map(pick, lp), cache_k[layer], cache_v[layer],
-                          jax.tree.map(pick, mods["attn"]), jax.tree.map(pick, mods["ffw"]), positions, attend)
+    Unstacked layers (pi05_jax.layer_stack) are always unrolled: every layer's weights and KV cache are their own
+    buffers, read directly. Stacked layers are a lax.scan unless `unroll_layers` (then sliced per layer)."""
+    lp = gemma.expert_layers(llm_params)
+    if not unroll_layers and not layer_stack.is_unstacked(lp):
+        return gemma.expert_forward(llm_params, x, mods, kv_cache, positions, attend)
+    cache_k, cache_v = kv_cache
+    depth = layer_stack.num_layers(lp)
+    if len(cache_k) != depth or len(cache_v) != depth:
+        raise ValueError(f"KV cache holds {len(cache_k)} layers of keys and {len(cache_v)} of values, the expert has "
+                         f"{depth} layers")
+    layers = layer_stack.unstack(lp)  # unstacked: as it is; stacked: static slices
+    mods_attn, mods_ffw = (layer_stack.split_layers(mods[k], depth) for k in ("attn", "ffw"))
+    for layer in range(depth):
+        x = _expert_layer(x, layers[layer], cache_k[layer], cache_v[layer], mods_attn[layer], mods_ffw[layer],
+                          positions, attend)
     s, sh, _ = mods["final"]
     return gemma.ada_rms_norm(x, s, sh)
 
 
+def default_unroll_steps(params) -> bool:
+    """Steps unrolled for stacked layers (the scan's per-layer weight copies are there either way), a fori_loop for
+    unstacked layers: their weights are loop invariants read in place, and 10 steps x 18 unrolled layers would be
+    180 expert layer bodies to compile instead of 18."""
+    return not layer_stack.is_unstacked(params["PaliGemma"]["llm"]["layers"])
+
+
 def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_attention=xla_suffix_attention,
-            unroll_steps: bool = True, unroll_layers: bool = False):
+            unroll_steps: bool | None = None, unroll_layers: bool = False):
     """Upstream's Euler loop x <- x + dt * v(x, t) from noise [B,T,A] (float32) -> actions [B,T,A] float32.
 
     `suffix_attention(lengths)` returns the per-layer attention `(q, k_prefix, v_prefix, k_self, v_self) -> out`.
-    Steps are unrolled (a Python loop over the known times: one straight-line executable) or a fori_loop; the
-    expert's layers are a lax.scan or, with `unroll_layers`, unrolled too (more code, no loop bookkeeping)."""
+    Steps are unrolled (a Python loop over the known times: one straight-line executable) or a fori_loop (None:
+    `default_unroll_steps`); the expert's layers are a lax.scan or, with `unroll_layers` or unstacked layers,
+    unrolled (more code, no loop bookkeeping, no per-layer weight slices)."""
+    if unroll_steps is None:
+        unroll_steps = default_unroll_steps(params)
     llm = params["PaliGemma"]["llm"]
     dtype = sampler.params_dtype(params)
     table = _table_in(params, num_steps)

@@ -5,7 +5,11 @@ Both run the same exact restructuring of upstream's computation (each piece is d
 - `pi05_jax.compact_prefix`: SigLIP on the valid views only; the prefix compacted to a bucket with per-row lengths;
   the last prefill layer computes K and V only.
 - `pi05_jax.denoise_fast`: adaRMS + time MLP precomputed per (checkpoint, num_steps) and cached on the device;
-  Euler steps unrolled (or a fori_loop); the suffix attention sees the bucket-long cache plus the action tokens.
+  Euler steps a fori_loop (or unrolled); the suffix attention sees the bucket-long cache plus the action tokens.
+- `pi05_jax.layer_stack`: `prepare` hands the phases the params with per-layer weight buffers (converted once per
+  checkpoint and cached; params that are already unstacked, e.g. from `runtime.Model.load`, are used as they are),
+  so SigLIP, prefill and the expert loop over layers in Python and every GEMM reads its weight in place, instead of
+  a lax.scan that copies each layer's slice of the stacked weight before the matmul.
 They differ only in the attention callables: `compact` uses XLA masked attention, `pallas` calls
 `pallas_kernels.ragged_prefill_attention` in prefill and `pallas_kernels.gqa_cross_attention` in denoise (in Pallas
 interpret mode on the CPU).
@@ -21,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from pi05_jax import compact_prefix, denoise_fast, sampler
+from pi05_jax import compact_prefix, denoise_fast, layer_stack, sampler
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
 
 ATTENTIONS = ("xla", "pallas")
@@ -31,8 +35,13 @@ ATTENTIONS = ("xla", "pallas")
 class FastPathOptions:
     attention: str = "xla"  # "xla": plain-JAX masked attention; "pallas": the Pallas kernels
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (see compact_prefix.DEFAULT_BUCKET_SIZE)
-    unroll_steps: bool = True  # Euler steps as straight-line code (True) or a lax.fori_loop (False)
-    unroll_layers: bool = False  # the expert's layers unrolled in Python (True) or a lax.scan (False)
+    # Euler steps as straight-line code (True) or a lax.fori_loop (False); None: a fori_loop on unstacked layers (its
+    # weights are loop invariants; 18 layer bodies to compile, not 180), unrolled on stacked ones (the old default).
+    unroll_steps: bool | None = None
+    # stacked layers: the expert's layers unrolled in Python (True) or a lax.scan (False); unstacked: always unrolled
+    unroll_layers: bool = False
+    # prepare() converts stacked params to per-layer buffers (pi05_jax.layer_stack), once per checkpoint
+    unstack_layers: bool = True
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -91,6 +100,8 @@ def make_implementation(name: str, options: FastPathOptions, description: str = 
 
     def prepare(params, obs, num_steps):
         plan = compact_prefix.plan_for(params, obs, options.bucket_size)
+        if options.unstack_layers:
+            params = layer_stack.unstack_layers_cached(params)
         return denoise_fast.with_constants(params, num_steps), plan
 
     @functools.cache
@@ -101,12 +112,23 @@ def make_implementation(name: str, options: FastPathOptions, description: str = 
     base = sampler.Implementation(
         name=name, denoise=functools.partial(denoise, options=options), description=description,
         prepare=prepare, specialize=specialize, **phases(None))
+    _OPTIONS[name] = options
     return base
+
+
+_OPTIONS: dict[str, FastPathOptions] = {}  # implementation name -> its options (what make_implementation built)
+
+
+def wants_unstacked_layers(kernels: str) -> bool:
+    """Whether the implementation registered as `kernels` runs on unstacked layers (so a model loaded for it can
+    hold its params in that layout only, see runtime.Model.load)."""
+    options = _OPTIONS.get(kernels)
+    return options is not None and options.unstack_layers and sampler.IMPLEMENTATIONS.get(kernels) is not None
 
 
 COMPACT = make_implementation(
     "compact", FastPathOptions(attention="xla"),
-    "valid views only, compacted bucketed prefix, precomputed adaRMS, unrolled steps; XLA attention")
+    "valid views only, compacted bucketed prefix, precomputed adaRMS, per-layer weight buffers; XLA attention")
 PALLAS = make_implementation(
     "pallas", FastPathOptions(attention="pallas"),
     "as 'compact', with the Pallas ragged prefill and GQA cross-attention kernels (interpret mode on CPU)")

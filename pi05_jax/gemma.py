@@ -1,8 +1,9 @@
 """Gemma for pi0.5: the PaliGemma prefix LLM (prefill) and the adaRMS action expert (one denoise step).
 
 Both streams live in `params["PaliGemma"]["llm"]` with openpi's names: the prefix stream's weights are
-`attn/q_einsum`, `mlp`, `pre_attention_norm`, ...; the expert's carry the suffix `_1`. Layer weights are stacked
-over depth on axis 0 and consumed with `lax.scan`, as upstream does.
+`attn/q_einsum`, `mlp`, `pre_attention_norm`, ...; the expert's carry the suffix `_1`. Layer weights are either
+stacked over depth on axis 0 and consumed with `lax.scan`, as upstream does, or (pi05_jax.layer_stack) a tuple of
+per-layer dicts consumed by a Python loop; the KV cache then is a tuple of per-layer arrays too.
 
 Axis legend: B batch, T query len, S kv len, N q heads, K kv heads, G group (N // K), H head dim, D width,
 F mlp dim, L layers.
@@ -18,6 +19,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from pi05_jax import layer_stack
+from pi05_jax.layer_stack import scan_or_unroll
 from pi05_jax.linear import gelu_tanh
 from pi05_jax.weights import weight_einsum
 
@@ -113,8 +116,7 @@ def embed_tokens(llm_params, tokens, dtype):
 # --- prefill: the prefix stream ------------------------------------------------------------------------------------
 
 
-def _prefix_layers(llm_params):
-    layers = llm_params["layers"]
+def _prefix_layer(layers):
     return {
         "attn": {k: layers["attn"][k] for k in ("q_einsum", "kv_einsum", "attn_vec_einsum")},
         "mlp": layers["mlp"],
@@ -123,15 +125,21 @@ def _prefix_layers(llm_params):
     }
 
 
+def _prefix_layers(llm_params):
+    return layer_stack.per_layer(llm_params["layers"], _prefix_layer)
+
+
 def prefill(llm_params, x, positions, attend: Attend, *, last_layer_kv_only: bool = True):
-    """Run the prefix stream over embedded tokens x [B,S,D]; returns the KV cache (k, v), each [L,B,S,K,H].
+    """Run the prefix stream over embedded tokens x [B,S,D]; returns the KV cache (k, v), each [L,B,S,K,H]
+    (unstacked layers: each a tuple of L arrays [B,S,K,H], so the denoise reads every layer's cache without a copy).
 
     The last layer's attention output and MLP feed nothing (denoising reads only its K and V), so with
     `last_layer_kv_only` the final layer computes K and V alone; the cache is identical either way.
     """
     lp = _prefix_layers(llm_params)
 
-    def layer(x, p):
+    def layer(x, xs):
+        p = xs[0]
         h = rms_norm(x, p["pre_attention_norm"]["scale"])
         q, k, v = _qkv(h, p["attn"], "", positions)
         o = attend(q, k, v)
@@ -140,14 +148,21 @@ def prefill(llm_params, x, positions, attend: Attend, *, last_layer_kv_only: boo
         x = x + feed_forward(h, p["mlp"])
         return x, (k, v)
 
+    unstacked = layer_stack.is_unstacked(lp)
     if not last_layer_kv_only:
-        _, (k, v) = jax.lax.scan(layer, x, lp)
-        return k, v
-    head = jax.tree.map(lambda a: a[:-1], lp)
-    last = jax.tree.map(lambda a: a[-1], lp)
-    x, (k, v) = jax.lax.scan(layer, x, head)
+        _, kv = scan_or_unroll(layer, x, lp)
+        return (tuple(k for k, _ in kv), tuple(v for _, v in kv)) if unstacked else kv
+    if unstacked:
+        head, last = lp[:-1], lp[-1]
+    else:
+        head = jax.tree.map(lambda a: a[:-1], lp)
+        last = jax.tree.map(lambda a: a[-1], lp)
+    x, kv = scan_or_unroll(layer, x, head)
     h = rms_norm(x, last["pre_attention_norm"]["scale"])
     k_last, v_last = _kv(h, last["attn"], "", positions)
+    if unstacked:
+        return (*(k for k, _ in kv), k_last), (*(v for _, v in kv), v_last)
+    k, v = kv
     return jnp.concatenate([k, k_last[None]]), jnp.concatenate([v, v_last[None]])
 
 
@@ -163,6 +178,9 @@ def expert_modulations(llm_params, cond, dtype):
     layers = llm_params["layers"]
 
     def per_layer(name):
+        if layer_stack.is_unstacked(layers):  # per layer, the small results stacked
+            mods = [ada_modulation(cond, p[name]["Dense_0"], dtype) for p in layers]
+            return tuple(jnp.stack(parts) for parts in zip(*mods, strict=True))
         return jax.vmap(lambda p: ada_modulation(cond, p, dtype))(layers[name]["Dense_0"])
 
     return {
@@ -172,12 +190,23 @@ def expert_modulations(llm_params, cond, dtype):
     }
 
 
-def expert_layers(llm_params):
-    layers = llm_params["layers"]
+def _expert_layer(layers):
     return {
         "attn": {k: layers["attn"][k] for k in ("q_einsum_1", "kv_einsum_1", "attn_vec_einsum_1")},
         "mlp_1": layers["mlp_1"],
     }
+
+
+def expert_layers(llm_params):
+    """The expert's weights of every layer: stacked, or (unstacked layout) a tuple of per-layer dicts."""
+    return layer_stack.per_layer(llm_params["layers"], _expert_layer)
+
+
+def layer_modulations(modulations: dict, layers) -> tuple:
+    """(attn, ffw) modulations as `scan_or_unroll` xs: stacked [L, ...] as they are, or split per layer."""
+    if not layer_stack.is_unstacked(layers):
+        return modulations["attn"], modulations["ffw"]
+    return tuple(layer_stack.split_layers(modulations[k], len(layers)) for k in ("attn", "ffw"))
 
 
 def expert_forward(llm_params, x, modulations, kv_cache, positions, attend_fn):
@@ -200,6 +229,11 @@ def expert_forward(llm_params, x, modulations, kv_cache, positions, attend_fn):
         x = x + feed_forward(h, p["mlp_1"]) * g2
         return x, None
 
-    x, _ = jax.lax.scan(layer, x, (lp, cache_k, cache_v, modulations["attn"], modulations["ffw"]))
+    if layer_stack.is_unstacked(lp):
+        cache_k, cache_v = tuple(cache_k), tuple(cache_v)  # per-layer arrays (a stacked cache: static slices)
+        if len(cache_k) != len(lp) or len(cache_v) != len(lp):
+            raise ValueError(f"KV cache holds {len(cache_k)} layers of keys and {len(cache_v)} of values, the expert "
+                             f"has {len(lp)} layers")
+    x, _ = scan_or_unroll(layer, x, lp, cache_k, cache_v, *layer_modulations(modulations, lp))
     s, sh, _ = modulations["final"]
     return ada_rms_norm(x, s, sh)

@@ -29,7 +29,10 @@ class Model:
 
     @classmethod
     def load(cls, checkpoint_dir, *, dtype: str = "bfloat16", kernels: str = "reference",
-             progress: Callable[[str], None] | None = None) -> Model:
+             progress: Callable[[str], None] | None = None, unstack_layers: bool | None = None) -> Model:
+        """`unstack_layers`: hold the layer weights as per-layer buffers (pi05_jax.layer_stack), converted once
+        here so the fast path does not keep a second copy; None: when `kernels` is a fast path that runs on them.
+        The reference implementation runs on either layout."""
         from checkpoints import quantized_io
         from checkpoints.openpi_io import load_params
 
@@ -39,6 +42,14 @@ class Model:
         # A `pi05 quantize` checkpoint (it holds pi05_quantization.json) loads FP8/FP4 weight objects.
         load = quantized_io.load_quantized_params if quantized_io.is_quantized(checkpoint_dir) else load_params
         config, params = load(checkpoint_dir, dtype=DTYPES[dtype], progress=progress)
+        if unstack_layers is None:
+            from pi05_jax import fast_path
+
+            unstack_layers = fast_path.wants_unstacked_layers(kernels)
+        if unstack_layers:
+            from pi05_jax import layer_stack
+
+            params = layer_stack.unstack_layers(params)  # the stacked arrays are dropped with `load`'s result
         return cls(config=config, params=params, kernels=kernels)
 
     @property

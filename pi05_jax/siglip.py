@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pi05_jax.layer_stack import scan_or_unroll
 from pi05_jax.linear import dense, gelu_tanh
 from pi05_jax.weights import weight_einsum
 
@@ -66,9 +67,10 @@ def encode_images(img_params, images, *, dtype):
     x = patch_embed(img_params, images).astype(dtype)
     tr = img_params["Transformer"]
 
-    def body(x, lp):
-        return encoder_block(x, lp, dtype), None
+    def body(x, xs):
+        return encoder_block(x, xs[0], dtype), None
 
-    x, _ = jax.lax.scan(body, x, tr["encoderblock"])
+    # Stacked encoder blocks: a lax.scan; unstacked (pi05_jax.layer_stack): unrolled over the per-layer dicts.
+    x, _ = scan_or_unroll(body, x, tr["encoderblock"])
     x = layer_norm(x, tr["encoder_norm"]["scale"], tr["encoder_norm"]["bias"], dtype)
     return dense(x, img_params["head"]["kernel"], img_params["head"]["bias"], dtype)
