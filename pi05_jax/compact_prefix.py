@@ -105,8 +105,11 @@ def full_plan(params, obs: Observation) -> PrefixPlan:
     return PrefixPlan(num_views=slots, prefix_len=padded)
 
 
-def encode_valid_views(params, obs: Observation, num_views: int, dtype) -> ViewTokens:
-    """SigLIP on `num_views` slots per row: each row's valid views gathered to the front, in slot order."""
+def encode_valid_views(params, obs: Observation, num_views: int, dtype, *, encode=None) -> ViewTokens:
+    """SigLIP on `num_views` slots per row: each row's valid views gathered to the front, in slot order.
+
+    `encode(images [B*V, h, w, c], dtype) -> tokens [B*V, P, D]` runs the tower (default: our JAX SigLIP on
+    params["PaliGemma"]["img"]); the vision-engine bridge (bridges.vision_bridge) passes its engine here."""
     keys = list(obs.images)
     if not 1 <= num_views <= len(keys):
         raise ValueError(f"num_views must be in 1..{len(keys)}, got {num_views=}")
@@ -117,7 +120,10 @@ def encode_valid_views(params, obs: Observation, num_views: int, dtype) -> ViewT
         images = jnp.take_along_axis(images, order[:, :, None, None, None], axis=1)
         masks = jnp.take_along_axis(masks, order, axis=1)
     b, v, h, w, c = images.shape
-    tokens = siglip.encode_images(params["PaliGemma"]["img"], images.reshape(b * v, h, w, c), dtype=dtype)
+    if encode is None:
+        def encode(x, dtype):
+            return siglip.encode_images(params["PaliGemma"]["img"], x, dtype=dtype)
+    tokens = encode(images.reshape(b * v, h, w, c), dtype)
     return ViewTokens(tokens=tokens.reshape(b, v, *tokens.shape[1:]), valid=masks)
 
 

@@ -86,6 +86,11 @@ def text(summary: dict) -> str:
         lines.append("  " + "  ".join(c.rjust(w) if i < 3 else c.ljust(w) for i, (c, w) in
                                       enumerate(zip(r, widths, strict=True))).rstrip())
     lines.append(f"  trace: {summary['trace']}")
+    in_graphs = sum(k["time_us_per_call"] for k in summary["top"]
+                    if str(k.get("hlo_op", "")).startswith("command_buffer"))
+    if summary["mode"] == "device" and summary["attributed_share"] < 0.5 and in_graphs > 0:
+        lines.append("  note: most kernels ran inside CUDA graphs (XLA command buffers), which hide the HLO op each "
+                     "kernel came from; rerun with --no-cuda-graphs to attribute them to phases")
     return "\n".join(lines)
 
 
