@@ -154,23 +154,15 @@ def reference_layout_vision(engines: EngineSet):
 
 
 def compact_layout_vision(engines: EngineSet, num_views: int | None):
-    """The fast paths' vision phase (pi05_jax.compact_prefix.encode_valid_views) on an engine: each row's valid
-    views gathered to the front, `num_views` per row, so the engine takes batch x num_views images."""
+    """The fast paths' vision phase (pi05_jax.compact_prefix.encode_valid_views, with the engine as its tower):
+    each row's valid views gathered to the front, `num_views` per row, so the engine takes batch x num_views
+    images."""
     from pi05_jax import compact_prefix
     from pi05_jax.sampler import params_dtype
 
     def vision(params, obs):
-        keys = list(obs.images)
-        v = num_views or len(keys)
-        images = jnp.stack([obs.images[k] for k in keys], axis=1)  # [B, slots, h, w, c]
-        masks = jnp.stack([jnp.asarray(obs.image_masks[k], bool) for k in keys], axis=1)
-        if v < len(keys):  # the same gather as compact_prefix.encode_valid_views
-            order = jnp.argsort(~masks, axis=1, stable=True)[:, :v]
-            images = jnp.take_along_axis(images, order[:, :, None, None, None], axis=1)
-            masks = jnp.take_along_axis(masks, order, axis=1)
-        b = images.shape[0]
-        tokens = engines.encode(images.reshape(b * v, *images.shape[2:]), params_dtype(params))
-        return compact_prefix.ViewTokens(tokens=tokens.reshape(b, v, *tokens.shape[1:]), valid=masks)
+        return compact_prefix.encode_valid_views(params, obs, num_views or len(obs.images), params_dtype(params),
+                                                 encode=engines.encode)
 
     return vision
 
@@ -217,18 +209,32 @@ def add_vision_args(parser) -> None:
                              "per image count the calls need")
 
 
-def apply_vision_args(args, model) -> str:
-    """Point `model.kernels` at the bridged implementation the arguments ask for; returns its name."""
-    vision = getattr(args, "vision", "xla")
-    engine_path = getattr(args, "vision_engine", None)
+def open_engines(vision: str, engine_path: str | None, *, out_width: int | None = None,
+                 model_dtype: str | None = None) -> EngineSet | None:
+    """The engines `--vision` / `--vision-engine` name, checked against the model (its LLM width and dtype, where
+    given): None for `--vision xla`; EngineFileError, one line naming the file and the field, for a bad pair."""
+    if vision not in VISION_CHOICES:
+        raise EngineFileError(f"--vision must be one of {', '.join(VISION_CHOICES)}, got {vision!r}")
     if vision == "xla":
         if engine_path:
             raise EngineFileError("--vision-engine needs --vision tensorrt or --vision builtin")
-        return model.kernels
-    if not engine_path:
+        return None
+    paths = [p.strip() for p in str(engine_path or "").split(",") if p.strip()]
+    if not paths:
         raise EngineFileError(f"--vision {vision} needs --vision-engine FILE (see `pi05 build-vision-engine`)")
-    dtype = jnp.dtype(model.dtype).name
-    engines = EngineSet(tuple(VisionEngine.open(p, out_width=model.config.llm.width, model_dtype=dtype, kind=vision)
-                              for p in str(engine_path).split(",") if p.strip()))
-    model.kernels = register_bridged(model.kernels, engines)
+    return EngineSet(tuple(VisionEngine.open(p, out_width=out_width, model_dtype=model_dtype, kind=vision)
+                           for p in paths))
+
+
+def check_vision_args(args) -> None:
+    """The engine files' own checks (exist, manifest, kind), before a model is loaded: a typo fails in a second."""
+    open_engines(getattr(args, "vision", "xla"), getattr(args, "vision_engine", None))
+
+
+def apply_vision_args(args, model) -> str:
+    """Point `model.kernels` at the bridged implementation the arguments ask for; returns its name."""
+    engines = open_engines(getattr(args, "vision", "xla"), getattr(args, "vision_engine", None),
+                           out_width=model.config.llm.width, model_dtype=jnp.dtype(model.dtype).name)
+    if engines is not None:
+        model.kernels = register_bridged(model.kernels, engines)
     return model.kernels

@@ -2,6 +2,9 @@
 
 Exporting SigLIP must not need the 3B-parameter LLM in memory: orbax restores just the `PaliGemma/img` subtree
 (partial restore), onto the CPU, whatever the stored dtype (bfloat16 checkpoints are widened exactly).
+A quantized checkpoint (`pi05 quantize`, checkpoints.quantized_io) is read too: its config comes from the
+quantized reader, and a quantized SigLIP weight (FP8 values + scales, or NVFP4) is dequantized to float32 (values x
+scales): the engine then runs the weights the quantized model holds, in the engine's own precision.
 """
 
 from __future__ import annotations
@@ -22,10 +25,16 @@ def load_vision_params(checkpoint_dir: str | pathlib.Path) -> tuple[Pi05Config, 
     import jax
     import orbax.checkpoint as ocp
 
-    from checkpoints import openpi_io
+    from checkpoints import openpi_io, quantized_io
 
     path = openpi_io.params_dir(checkpoint_dir)
-    config = openpi_io.read_config(checkpoint_dir)
+    quantized = quantized_io.is_quantized(checkpoint_dir)
+    if quantized:
+        config = quantized_io.read_config(checkpoint_dir)
+        weights = {k: e for k, e in quantized_io.read_manifest(checkpoint_dir)["weights"].items()
+                   if k.startswith(IMG_PREFIX)}
+    else:
+        config, weights = openpi_io.read_config(checkpoint_dir), {}
     tree = openpi_io._metadata_tree(path)  # same reader as the full loader, so errors read the same
     flat = flatten(tree["params"])
     wanted = {k: v for k, v in flat.items() if k.startswith(IMG_PREFIX)}
@@ -41,8 +50,29 @@ def load_vision_params(checkpoint_dir: str | pathlib.Path) -> tuple[Pi05Config, 
     except Exception as e:  # orbax raises many types for a damaged directory
         raise CheckpointError(f"{str(path)!r}: restoring the vision weights failed "
                               f"({type(e).__name__}: {str(e)[:300]})") from e
-    out = {}
-    for key, leaf in flatten(restored["params"]).items():
-        key = key.removesuffix("/value")
-        out[key[len(IMG_PREFIX):]] = np.asarray(leaf, dtype=np.float32)
+    flat = {key.removesuffix("/value"): leaf for key, leaf in flatten(restored["params"]).items()}
+    plain, grouped = quantized_io._split(flat, {"weights": weights}, str(path))
+    out = {key[len(IMG_PREFIX):]: np.asarray(leaf, dtype=np.float32) for key, leaf in plain.items()}
+    for key, entry in weights.items():
+        out[key[len(IMG_PREFIX):]] = _dequantized(key, entry, grouped[key], where=str(path))
     return config, unflatten(out)
+
+
+def _dequantized(key: str, entry: dict, arrays: dict, *, where: str) -> np.ndarray:
+    """One quantized SigLIP weight (its stored arrays, as `pi05 quantize` wrote them) as float32 in openpi's layout."""
+    from pi05_jax.quantized import QuantizationError, fp4_weight
+    from pi05_jax.quantized.fp8_weight import Fp8Weight
+
+    try:
+        if entry["format"] == "fp8_e4m3":
+            w = Fp8Weight.from_stored(arrays["fp8_values"], arrays["fp8_scales"], tuple(entry["contract_axes"]),
+                                      lead=int(entry.get("lead_axes", 1)), name=key)
+        else:
+            w = fp4_weight.Fp4Weight.from_arrays(arrays, where=key)
+        dense = np.asarray(w.dequantize(np.float32), np.float32)
+    except QuantizationError as e:
+        raise CheckpointError(f"{where!r}: {e}") from e
+    if dense.shape != tuple(entry["shape"]):
+        raise CheckpointError(f"{where!r}: {key} dequantizes to shape {dense.shape}, the manifest says "
+                              f"{tuple(entry['shape'])}")
+    return dense

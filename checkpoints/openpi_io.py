@@ -81,7 +81,12 @@ def _read(path: pathlib.Path) -> tuple[Pi05Config, dict, bool]:
 
 
 def read_config(checkpoint_dir: str | pathlib.Path) -> Pi05Config:
-    """The config inferred from the checkpoint's shapes; validates the layout and reads no weights."""
+    """The config inferred from the checkpoint's shapes; validates the layout and reads no weights.
+    Works for `pi05 quantize` output too (it holds a quantization manifest)."""
+    from checkpoints import quantized_io  # lazy: quantized_io builds on this module
+
+    if quantized_io.is_quantized(checkpoint_dir):
+        return quantized_io.read_config(checkpoint_dir)
     return _read(params_dir(checkpoint_dir))[0]
 
 

@@ -122,15 +122,15 @@ def xla_suffix_attention(lengths):
 
 
 def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend):
-    """One action-expert layer, the body of `gemma.expert_forward` (same ops in the same order)."""
+    """One action-expert layer, the body of `gemma.expert_forward` (same ops in the same order; a layer with a fused
+    QKV weight runs the same elementwise ops on one GEMM's output)."""
     s1, sh1, g1 = mods_attn
     s2, sh2, g2 = mods_ffw
     attn = p["attn"]
     h = gemma.ada_rms_norm(x, s1, sh1)
-    q = weight_einsum("BTD,NDH->BTNH", h, attn["q_einsum_1"]["w"])
-    k, v = weight_einsum("BSD,CKDH->CBSKH", h, attn["kv_einsum_1"]["w"])
-    q = gemma.rope(q, positions) * jnp.asarray(q.shape[-1] ** -0.5, h.dtype)
-    o = attend(q, ck, cv, gemma.rope(k, positions), v)
+    # fused q/k/v weight (pi05_jax.weight_packing): one GEMM, RoPE on q and k together; else two GEMMs
+    q, k, v = gemma.qkv_any(h, attn, "_1", positions)
+    o = attend(q, ck, cv, k, v)
     x = x + weight_einsum("BTNH,NHD->BTD", o, attn["attn_vec_einsum_1"]["w"]) * g1
     h = gemma.ada_rms_norm(x, s2, sh2)
     return x + gemma.feed_forward(h, p["mlp_1"]) * g2
@@ -141,7 +141,10 @@ def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_l
 
     Unstacked layers (pi05_jax.layer_stack) are always unrolled: every layer's weights and KV cache are their own
     buffers, read directly. Stacked layers are a lax.scan unless `unroll_layers` (then sliced per layer)."""
-    lp = gemma.expert_layers(llm_params)
+    lp = llm_params["layers"]
+    # unstacked: the per-layer dicts as they are (they may hold packed weights, which gemma.expert_layers' key
+    # selection does not know); stacked: the expert's keys only
+    lp = lp if layer_stack.is_unstacked(lp) else gemma.expert_layers(llm_params)
     if not unroll_layers and not layer_stack.is_unstacked(lp):
         return gemma.expert_forward(llm_params, x, mods, kv_cache, positions, attend)
     cache_k, cache_v = kv_cache

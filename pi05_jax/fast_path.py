@@ -6,6 +6,9 @@ Both run the same exact restructuring of upstream's computation (each piece is d
   the last prefill layer computes K and V only.
 - `pi05_jax.denoise_fast`: adaRMS + time MLP precomputed per (checkpoint, num_steps) and cached on the device;
   Euler steps a fori_loop (or unrolled); the suffix attention sees the bucket-long cache plus the action tokens.
+- `pi05_jax.weight_packing`: on the unstacked layout, `prepare` also fuses each Gemma layer's q/kv weights (one QKV
+  GEMM per layer, RoPE on q and k together) and SigLIP's query/key/value, and zero-pads SigLIP's mlp_dim to a multiple
+  of 128 (optionally its head_dim), once per checkpoint; exact up to the GEMMs' accumulation order.
 - `pi05_jax.layer_stack`: `prepare` hands the phases the params with per-layer weight buffers (converted once per
   checkpoint and cached; params that are already unstacked, e.g. from `runtime.Model.load`, are used as they are),
   so SigLIP, prefill and the expert loop over layers in Python and every GEMM reads its weight in place, instead of
@@ -25,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from pi05_jax import compact_prefix, denoise_fast, layer_stack, sampler
+import jax.numpy as jnp
+
+from pi05_jax import compact_prefix, denoise_fast, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
 
 ATTENTIONS = ("xla", "pallas")
@@ -42,12 +47,24 @@ class FastPathOptions:
     unroll_layers: bool = False
     # prepare() converts stacked params to per-layer buffers (pi05_jax.layer_stack), once per checkpoint
     unstack_layers: bool = True
+    # prepare-time weight restructurings of the unstacked layout (pi05_jax.weight_packing); ignored when stacked
+    fuse_gemma_qkv: bool = True  # one [D, (N+2K)*H] QKV GEMM per Gemma layer (prefix LLM and expert)
+    fuse_siglip_qkv: bool = True  # one [D, 3*N*H] QKV GEMM (+ one bias add) per SigLIP layer
+    pad_siglip_mlp: bool = True  # SigLIP mlp_dim zero-padded to a multiple of pad_multiple (4304 -> 4352)
+    pad_siglip_heads: bool = False  # SigLIP's fused q/k/v head_dim zero-padded (72 -> 128); needs fuse_siglip_qkv
+    pad_multiple: int = 128
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
+        self.pack_options()  # validates the packing fields
+
+    def pack_options(self) -> weight_packing.PackOptions:
+        return weight_packing.PackOptions(
+            fuse_gemma_qkv=self.fuse_gemma_qkv, fuse_siglip_qkv=self.fuse_siglip_qkv,
+            pad_siglip_mlp=self.pad_siglip_mlp, pad_siglip_heads=self.pad_siglip_heads, pad_multiple=self.pad_multiple)
 
 
 # --- attention callables ------------------------------------------------------------------------------------------
@@ -76,13 +93,24 @@ def _attentions(options: FastPathOptions):
 
 def vision(params, obs, *, plan: PrefixPlan | None, options: FastPathOptions):
     plan = plan or compact_prefix.full_plan(params, obs)
-    return compact_prefix.encode_valid_views(params, obs, plan.num_views, sampler.params_dtype(params))
+    encode = None
+    if options.fuse_siglip_qkv or options.pad_siglip_mlp:  # the layers may hold packed weights
+        def encode(images, dtype):
+            return siglip.encode_images_packed(params["PaliGemma"]["img"], images, dtype=dtype)
+    return compact_prefix.encode_valid_views(params, obs, plan.num_views, sampler.params_dtype(params), encode=encode)
 
 
 def prefill(params, obs, views, *, plan: PrefixPlan | None, options: FastPathOptions):
     plan = plan or compact_prefix.full_plan(params, obs)
     tokens, lengths = compact_prefix.compact_prefix_tokens(params, obs, views, plan.prefix_len,
                                                            sampler.params_dtype(params))
+    llm = params["PaliGemma"]["llm"]
+    if options.fuse_gemma_qkv and layer_stack.is_unstacked(llm["layers"]):  # the layers may hold fused QKV weights
+        # compact_prefix.compact_prefill's positions (0..S-1), with the packed-aware layer loop
+        b, s, _ = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+        kv = gemma.prefill_packed(llm, tokens, positions, _attentions(options)[0](lengths))
+        return compact_prefix.CompactPrefix(kv=kv, lengths=lengths)
     return compact_prefix.compact_prefill(params, tokens, lengths, _attentions(options)[0])
 
 
@@ -102,6 +130,7 @@ def make_implementation(name: str, options: FastPathOptions, description: str = 
         plan = compact_prefix.plan_for(params, obs, options.bucket_size)
         if options.unstack_layers:
             params = layer_stack.unstack_layers_cached(params)
+            params = weight_packing.pack_weights_cached(params, options.pack_options())
         return denoise_fast.with_constants(params, num_steps), plan
 
     @functools.cache

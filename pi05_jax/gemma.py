@@ -237,3 +237,52 @@ def expert_forward(llm_params, x, modulations, kv_cache, positions, attend_fn):
     x, _ = scan_or_unroll(layer, x, lp, cache_k, cache_v, *layer_modulations(modulations, lp))
     s, sh, _ = modulations["final"]
     return ada_rms_norm(x, s, sh)
+
+
+# --- packed weights (pi05_jax.weight_packing; the fast path only) --------------------------------------------------
+
+
+def qkv_packed(x, w, positions):
+    """q, k, v from a fused weight w [D, K, G+2, H] (weight_packing.fuse_gemma_qkv_weights): one GEMM, then RoPE on
+    q and k together (they share the positions) and the q scale; elementwise the same ops as `_qkv`."""
+    b, t, _ = x.shape
+    _, kh, g2, h = w.shape
+    g = g2 - 2
+    y = jnp.einsum("BTD,DKCH->BTKCH", x, w.astype(x.dtype))
+    qk = rope(y[:, :, :, : g + 1].reshape(b, t, kh * (g + 1), h), positions).reshape(b, t, kh, g + 1, h)
+    q = qk[:, :, :, :g].reshape(b, t, kh * g, h) * jnp.asarray(h**-0.5, x.dtype)
+    return q, qk[:, :, :, g], y[:, :, :, g + 1]
+
+
+def qkv_any(x, attn, suffix, positions):
+    """`_qkv` on a layer's attention weights, fused (key `qkv_einsum{suffix}`) or not (quantized, or not packed)."""
+    fused = attn.get(f"qkv_einsum{suffix}")
+    if fused is None:
+        return _qkv(x, attn, suffix, positions)
+    return qkv_packed(x, fused["w"], positions)
+
+
+def prefill_packed(llm_params, x, positions, attend: Attend):
+    """`prefill(last_layer_kv_only=True)` on unstacked layers that may hold fused QKV weights (the prefix stream's
+    last layer is never fused: it computes K and V only). Returns per-layer tuples (k, v), each [B,S,K,H]."""
+    lp = llm_params["layers"]
+    if not layer_stack.is_unstacked(lp):
+        raise ValueError("prefill_packed runs on the unstacked layer layout (pi05_jax.layer_stack)")
+    ks, vs = [], []
+    for p in lp[:-1]:
+        attn = p["attn"]
+        h = rms_norm(x, p["pre_attention_norm"]["scale"])
+        q, k, v = qkv_any(h, attn, "", positions)
+        o = attend(q, k, v)
+        x = x + weight_einsum("BTNH,NHD->BTD", o, attn["attn_vec_einsum"]["w"])
+        h = rms_norm(x, p["pre_ffw_norm"]["scale"])
+        x = x + feed_forward(h, p["mlp"])
+        ks.append(k)
+        vs.append(v)
+    last = lp[-1]
+    h = rms_norm(x, last["pre_attention_norm"]["scale"])
+    if "kv_einsum" in last["attn"]:
+        k, v = _kv(h, last["attn"], "", positions)
+    else:  # a fused last layer (packed by someone else): its q is computed and dropped
+        _, k, v = qkv_any(h, last["attn"], "", positions)
+    return (*ks, k), (*vs, v)

@@ -74,3 +74,53 @@ def encode_images(img_params, images, *, dtype):
     x, _ = scan_or_unroll(body, x, tr["encoderblock"])
     x = layer_norm(x, tr["encoder_norm"]["scale"], tr["encoder_norm"]["bias"], dtype)
     return dense(x, img_params["head"]["kernel"], img_params["head"]["bias"], dtype)
+
+
+# --- packed weights (pi05_jax.weight_packing; the fast path only) --------------------------------------------------
+
+
+def _attention_packed(y, mha, dtype):
+    """Self-attention from a fused q/k/v weight `qkv` (kernel [D,3,N,Hp], bias [3,N,Hp]; Hp >= H when the heads
+    are zero-padded): one GEMM; q scaled by 1/sqrt(H) of the original heads, padded v columns sliced away."""
+    out_kernel = mha["out"]["kernel"]
+    qkv = mha["qkv"]
+    hp = qkv["kernel"].shape[-1]
+    h = out_kernel.shape[1] if hasattr(out_kernel, "shape") and len(out_kernel.shape) == 3 else hp
+    y = weight_einsum("BPD,DCNH->BPCNH", y, qkv["kernel"]) + qkv["bias"].astype(dtype)
+    q, k, v = y[:, :, 0], y[:, :, 1], y[:, :, 2]
+    q = q / jnp.sqrt(h).astype(dtype)
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    o = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    return o[..., :h] if hp != h else o
+
+
+def encoder_block_packed(x, lp, dtype):
+    """`encoder_block` on a layer that may hold the fused `qkv` attention weight (else it is `encoder_block`).
+    A zero-padded MLP needs no code of its own: the padded units contribute exactly 0."""
+    mha = lp["MultiHeadDotProductAttention_0"]
+    if "qkv" not in mha:
+        return encoder_block(x, lp, dtype)
+    y = layer_norm(x, lp["LayerNorm_0"]["scale"], lp["LayerNorm_0"]["bias"], dtype)
+    o = _attention_packed(y, mha, dtype)
+    o = weight_einsum("BTNH,NHD->BTD", o, mha["out"]["kernel"]) + mha["out"]["bias"].astype(dtype)
+    x = x + o
+    y = layer_norm(x, lp["LayerNorm_1"]["scale"], lp["LayerNorm_1"]["bias"], dtype)
+    mlp = lp["MlpBlock_0"]
+    y = gelu_tanh(dense(y, mlp["Dense_0"]["kernel"], mlp["Dense_0"]["bias"], dtype))
+    y = dense(y, mlp["Dense_1"]["kernel"], mlp["Dense_1"]["bias"], dtype)
+    return x + y
+
+
+def encode_images_packed(img_params, images, *, dtype):
+    """`encode_images` on unstacked encoder blocks (pi05_jax.layer_stack) that may hold packed weights
+    (pi05_jax.weight_packing); stacked blocks run `encode_images` itself."""
+    tr = img_params["Transformer"]
+    blocks = tr["encoderblock"]
+    if not isinstance(blocks, tuple):
+        return encode_images(img_params, images, dtype=dtype)
+    x = patch_embed(img_params, images).astype(dtype)
+    for lp in blocks:
+        x = encoder_block_packed(x, lp, dtype)
+    x = layer_norm(x, tr["encoder_norm"]["scale"], tr["encoder_norm"]["bias"], dtype)
+    return dense(x, img_params["head"]["kernel"], img_params["head"]["bias"], dtype)

@@ -226,9 +226,17 @@ def test_model_load_holds_one_unstacked_copy_for_a_fast_path(reference_dir):
     model = Model.load(REFERENCE_DIR / "checkpoint", dtype="float32", kernels="compact")
     assert layer_stack.params_unstacked(model.params)
     assert fast_path.wants_unstacked_layers("pallas") and not fast_path.wants_unstacked_layers("reference")
-    obs_params, _ = sampler.IMPLEMENTATIONS["compact"].prepare(model.params, _dummy_obs(model), 2)
+    loaded = model.params["PaliGemma"]["llm"]["layers"]
+    unpacked = fast_path.make_implementation("test-load-unpacked", fast_path.FastPathOptions(
+        fuse_gemma_qkv=False, fuse_siglip_qkv=False, pad_siglip_mlp=False))
+    obs_params, _ = unpacked.prepare(model.params, _dummy_obs(model), 2)
     # prepare reuses the loaded per-layer buffers: no second copy of the weights
-    assert obs_params["PaliGemma"]["llm"]["layers"] is model.params["PaliGemma"]["llm"]["layers"]
+    assert obs_params["PaliGemma"]["llm"]["layers"] is loaded
+    # with weight packing (pi05_jax.weight_packing, on by default) only the packed weights are new buffers
+    obs_params, _ = sampler.IMPLEMENTATIONS["compact"].prepare(model.params, _dummy_obs(model), 2)
+    for ours, theirs in zip(obs_params["PaliGemma"]["llm"]["layers"], loaded, strict=True):
+        assert ours["mlp"] is theirs["mlp"] and ours["mlp_1"] is theirs["mlp_1"]
+        assert ours["attn"]["attn_vec_einsum_1"] is theirs["attn"]["attn_vec_einsum_1"]
     stacked = Model.load(REFERENCE_DIR / "checkpoint", dtype="float32", kernels="compact", unstack_layers=False)
     assert not layer_stack.params_unstacked(stacked.params)
     assert not layer_stack.params_unstacked(Model.load(REFERENCE_DIR / "checkpoint", dtype="float32").params)

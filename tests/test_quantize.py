@@ -332,3 +332,10 @@ def test_einsum_on_a_stacked_weight_is_an_error(fp8_model):
     w = flatten(fp8_model.params)["PaliGemma/llm/layers/mlp/linear"]
     with pytest.raises(ValueError, match="stacked over"):
         w.einsum("BTF,FD->BTD", jnp.ones((1, 2, w.shape[1])))
+
+
+def test_read_config_of_a_quantized_checkpoint(fp8_dir, reference_dir):
+    """serve/bench read the config before loading: a quantized checkpoint gives the same config as its source."""
+    from checkpoints import openpi_io
+
+    assert openpi_io.read_config(fp8_dir) == openpi_io.read_config(reference_dir / "checkpoint")

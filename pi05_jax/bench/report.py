@@ -65,6 +65,7 @@ def text(doc: dict) -> str:
         lines.append("  host prep: host work sampler.sample_actions does before each call (not in total)")
     lines.append("  peak mem: the device allocator's peak so far in this process (n/a where the backend keeps no "
                  "statistics); plan: XLA's memory plan of the one-jit executable (arguments + outputs + temporaries)")
+    lines += _bridged_vision_lines(doc["implementations"])
 
     rl = doc["roofline"]
     ok = [r for r in doc["implementations"] if "error" not in r]
@@ -181,3 +182,27 @@ def write_plot(doc: dict, path: str) -> pathlib.Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _bridged_vision_lines(impls: list[dict]) -> list[str]:
+    """The vision phase through XLA and through the engine (--vision tensorrt|builtin), side by side."""
+    bridged = [r for r in impls if "vision_bridged" in r]
+    if not bridged:
+        return []
+    rows = []
+    for r in bridged:
+        v = r["vision_bridged"]
+        if "error" in v:
+            rows.append([r["name"], _ms(r["phases"]["vision"]["median_s"]), "FAILED", v["error"][:70], ""])
+            continue
+        rows.append([r["name"], f"{_ms(v['xla_vision']['median_s'])} [{_ms(v['xla_vision']['p10_s'])} - "
+                     f"{_ms(v['xla_vision']['p90_s'])}]", f"{_ms(v['vision']['median_s'])} [{_ms(v['vision']['p10_s'])}"
+                     f" - {_ms(v['vision']['p90_s'])}]", f"{v['speedup_vs_xla']:.2f}x",
+                     f"{v['tokens_rel_err_vs_xla']:.1e}"])
+    kind = bridged[0]["vision_bridged"]["kind"]
+    lines = ["", f"vision phase, XLA vs the {kind} engine ({', '.join(bridged[0]['vision_bridged']['engines'])}), "
+                 f"ms: median [p10 - p90], each jitted alone, runs interleaved"]
+    lines += _table(["impl", "vision XLA", f"vision {kind}", "speedup", "tokens rel err vs XLA"], rows)
+    lines.append("  tokens rel err: the engine's tokens vs the XLA tower's on the same images; large when the engine "
+                 "was built from other weights (e.g. bench's random weights without --checkpoint)")
+    return lines

@@ -126,3 +126,44 @@ def run_implementation(p: Phased, obs, noise, *, runs: int, say) -> dict:
         "actions": actions,
         "actions_finite": bool(np.all(np.isfinite(actions))),
     }
+
+
+def run_bridged_vision(impl, engines, params, obs, num_steps: int, *, runs: int, say) -> dict:
+    """The vision phase of `impl` through the engine(s) (bridges.vision_bridge.register_bridged: same layout, the
+    engine as the tower) and through XLA, each jitted alone, warm runs interleaved; the engine's tokens are compared
+    with XLA's. A failure (e.g. no engine for this layout's image count) is recorded, not raised."""
+    from bridges.vision_bridge import register_bridged
+    from pi05_jax import sampler
+    from pi05_jax.bench.implementations import phased
+
+    kind = engines.engines[0].manifest.kind
+    out = {"kind": kind, "engines": [str(e.path) for e in engines.engines]}
+    try:
+        bridged = phased(sampler.IMPLEMENTATIONS[register_bridged(impl.name, engines)], params, obs, num_steps)
+        xla = phased(impl, params, obs, num_steps)
+        say(f"[{impl.name}] compiling the vision phase through the {kind} engine ({bridged.variant})")
+        bridged_c, compile_s = compile_timed(bridged.vision, (bridged.params, obs))
+        xla_c, _ = compile_timed(xla.vision, (xla.params, obs))
+        calls = {"bridged": (bridged_c, (bridged.params, obs)), "xla": (xla_c, (xla.params, obs))}
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        outs = {}
+        for i in range(WARMUP_RUNS + runs):
+            for key, (c, args) in calls.items():
+                outs[key], t = call_timed(c, args)
+                if i >= WARMUP_RUNS:
+                    times[key].append(t)
+    except Exception as e:  # an engine that does not fit this implementation's layout must not hide the rest
+        say(f"[{impl.name}] vision through the {kind} engine FAILED: {type(e).__name__}: {e}")
+        return {**out, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+
+    def floats(tree):
+        return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)
+                               if np.issubdtype(np.asarray(x).dtype, np.floating)])
+
+    a, b = floats(outs["bridged"]), floats(outs["xla"])
+    bridged_s, xla_s = stats(times["bridged"]), stats(times["xla"])
+    return {**out, "variant": bridged.variant, "compile_s": compile_s, "vision": bridged_s, "xla_vision": xla_s,
+            "speedup_vs_xla": xla_s["median_s"] / bridged_s["median_s"],
+            "tokens_rel_err_vs_xla": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)),
+            "note": "both vision phases jitted alone, warm runs interleaved; a large tokens_rel_err_vs_xla means "
+                    "the engine was built from other weights (e.g. bench's random weights)"}

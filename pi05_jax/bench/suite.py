@@ -18,7 +18,7 @@ import numpy as np
 from pi05_jax.bench import hardware, roofline
 from pi05_jax.bench.implementations import phased, resolve
 from pi05_jax.bench.roofline import FLOOR, PADDED, PHASES
-from pi05_jax.bench.runner import run_implementation
+from pi05_jax.bench.runner import run_bridged_vision, run_implementation
 from pi05_jax.bench.selection import Selection, build
 
 PROJECTION_LABEL = ("PROJECTION from published peak specs (dense, datasheet figures), not a measurement: "
@@ -112,7 +112,10 @@ def projection_section(costs: dict, dtype: str, eff: dict | None) -> dict:
             "entries": entries}
 
 
-def run_bench(sel: Selection, *, say, startup: bool = False, extra_args: list[str] | None = None) -> dict:
+def run_bench(sel: Selection, *, say, startup: bool = False, extra_args: list[str] | None = None,
+              vision_engines=None) -> dict:
+    """`vision_engines` (a bridges.vision_bridge.EngineSet): also time each implementation's vision phase through
+    the engine(s), next to its XLA vision phase (result key "vision_bridged")."""
     from pi05_jax.runtime import DTYPES
 
     info = hardware.device_info()
@@ -133,6 +136,9 @@ def run_bench(sel: Selection, *, say, startup: bool = False, extra_args: list[st
             say(f"[{impl.name}] FAILED: {type(e).__name__}: {e}")
             results.append({"name": impl.name, "error": f"{type(e).__name__}: {str(e)[:500]}"})
             continue
+        if vision_engines is not None:
+            r["vision_bridged"] = run_bridged_vision(impl, vision_engines, built.params, built.obs, sel.steps,
+                                                     runs=sel.runs, say=say)
         results.append(r)
     _annotate(results, section)
 

@@ -20,13 +20,19 @@ examples:
   pi05 infer --checkpoint ckpt/ --inputs policy_cases.npz --case libero --adapter libero \\
       --norm-stats libero --tokenizer tokenizer.model --output out.npz
   pi05 compare out.npz model_cases.npz --ref-key libero_like/out/fp32/actions
+  pi05 build-vision-engine --checkpoint ckpt/ --views 3 --output siglip_v3.plan
+  pi05 infer --checkpoint ckpt/ --inputs model_cases.npz --case libero_like --dtype float32 --output out.npz \\
+      --vision tensorrt --vision-engine siglip_v3.plan        # SigLIP through the engine, inside the one jit
 """
 
 
 def register(sub) -> None:
+    from bridges.vision_bridge import add_vision_args
+
     p = sub.add_parser("infer", help="run the model on inputs from an .npz file", description=__doc__,
                        epilog=EPILOG, formatter_class=formatter())
     add_model_args(p)
+    add_vision_args(p)
     p.add_argument("--inputs", required=True, metavar="FILE.npz", help="inputs file (layout below)")
     p.add_argument("--case", required=True, metavar="NAME", help="which case in the inputs file")
     p.add_argument("--num-steps", type=int, default=None, metavar="N",
@@ -70,12 +76,16 @@ def summarize(actions: np.ndarray) -> str:
 
 
 def run(args) -> int:
+    from bridges.vision_bridge import apply_vision_args, check_vision_args
     from pi05_jax.observation import check_noise, observation_from_arrays
     from pi05_jax.runtime import Model
 
     say = Progress(args.quiet)
+    check_vision_args(args)
     arrays = load_case(args.inputs, args.case)
     model = Model.load(args.checkpoint, dtype=args.dtype, kernels=args.kernels, progress=say)
+    if apply_vision_args(args, model) != args.kernels:
+        say(f"vision: {args.vision} engine(s) {args.vision_engine} (implementation {model.kernels})")
     if args.adapter:
         from pi05_jax.policy.raw_infer import run_raw_case
 
@@ -92,7 +102,8 @@ def run(args) -> int:
             rng = np.random.default_rng(args.seed)
             noise = rng.standard_normal((obs.batch_size, model.config.action_horizon, model.config.action_dim),
                                         dtype=np.float32)
-        say(f"compiling ({args.kernels}, {args.dtype}, batch {obs.batch_size}, {num_steps} steps)")
+        say(f"compiling ({args.kernels}, vision {args.vision}, {args.dtype}, batch {obs.batch_size}, "
+            f"{num_steps} steps)")
         _, first = model.timed_sample(obs, noise=noise, num_steps=num_steps)
         actions, second = model.timed_sample(obs, noise=noise, num_steps=num_steps)
         timings = {"first_call_s": first, "run_s": second}

@@ -29,6 +29,7 @@ examples:
   pi05 serve --checkpoint ckpt/pi05_libero --adapter libero --norm-stats physical-intelligence/libero \\
       --tokenizer ~/.cache/openpi/big_vision/paligemma_tokenizer.model
   pi05 serve --checkpoint ckpt/ --adapter my_robot.json --host 0.0.0.0 --port 8000 --api-key "$PI05_API_KEY"
+  pi05 serve --checkpoint ckpt/ --adapter libero --vision tensorrt --vision-engine siglip_v2.plan,siglip_v3.plan
   curl http://127.0.0.1:8000/healthz
 
   python -c "from openpi_client.websocket_client_policy import WebsocketClientPolicy as P; \\
@@ -37,9 +38,12 @@ examples:
 
 
 def register(sub) -> None:
+    from bridges.vision_bridge import add_vision_args
+
     p = sub.add_parser("serve", help="serve a checkpoint over openpi's websocket policy protocol",
                        description=__doc__, epilog=EPILOG, formatter_class=formatter())
     add_model_args(p)
+    add_vision_args(p)
     p.add_argument("--adapter", required=True, metavar="NAME|FILE.json",
                    help="robot adapter: libero, droid, or a robot description JSON file (docs/ROBOTS.md)")
     p.add_argument("--norm-stats", default=None, metavar="ASSET_ID",
@@ -74,12 +78,14 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
+    from bridges.vision_bridge import apply_vision_args, check_vision_args
     from checkpoints.openpi_io import read_config
     from pi05_jax.policy.pipeline import Policy, policy_parts
     from pi05_jax.runtime import Model
     from pi05_jax.serving.server import PolicyServer, ServerConfig
 
     _check_args(args)
+    check_vision_args(args)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pi05_jax").setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -88,10 +94,12 @@ def run(args) -> int:
     parts = policy_parts(checkpoint, config=read_config(checkpoint), adapter=args.adapter,
                          norm_stats=args.norm_stats, tokenizer=args.tokenizer)
     model = Model.load(checkpoint, dtype=args.dtype, kernels=args.kernels, progress=say)
+    if apply_vision_args(args, model) != args.kernels:
+        say(f"vision: {args.vision} engine(s) {args.vision_engine} (implementation {model.kernels})")
     policy = Policy(model=model, num_steps=args.num_steps, seed=args.seed, **parts)
     say(f"policy: adapter {policy.adapter.name}, norm stats {policy.norm_stats_path}, "
         f"tokenizer {policy.tokenizer.path}")
-    say(f"compiling and warming up ({args.kernels}, {args.dtype}, {args.num_steps} steps)")
+    say(f"compiling and warming up ({args.kernels}, vision {args.vision}, {args.dtype}, {args.num_steps} steps)")
     say(f"warm in {policy.warmup(progress=say):.1f} s")
     server = PolicyServer(policy, ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                                                max_request_bytes=args.max_request_bytes, workers=args.workers))

@@ -1,0 +1,186 @@
+"""Prepare-time weight packing (pi05_jax.weight_packing): fused Gemma / SigLIP QKV weights, zero-padded SigLIP MLP
+and heads. Packed and unpacked fast paths compute the same actions (float32 rounding only) and upstream's; quantized
+leaves are left unpacked and still run."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pi05_jax import fast_path, gemma, layer_stack, siglip, weight_packing
+from pi05_jax.observation import observation_from_arrays
+from tests.conftest import MODEL_CASES, case_inputs, rel_err
+
+# Packed vs unpacked in float32: the same dot products, only the GEMM shapes (hence maybe the accumulation order)
+# differ, so float32 rounding only.
+PACKED_TOL = {"float32": 1e-6}
+FP32_REL_TOL = 1e-4  # vs upstream's saved outputs (as tests/test_fast_path.py)
+# The tiny model's SigLIP mlp_dim (128) and head_dim (16) are multiples of 128 / not: pad to 96 so both pad.
+PAD = 96
+
+ALL_OFF = dict(fuse_gemma_qkv=False, fuse_siglip_qkv=False, pad_siglip_mlp=False, pad_siglip_heads=False)
+ALL_ON = dict(fuse_gemma_qkv=True, fuse_siglip_qkv=True, pad_siglip_mlp=True, pad_siglip_heads=True,
+              pad_multiple=PAD)
+
+
+def _impl(name, attention="xla", **packing):
+    return fast_path.make_implementation(name, fast_path.FastPathOptions(attention=attention, **packing))
+
+
+UNPACKED = _impl("test-packing-off", **ALL_OFF)
+PACKED = _impl("test-packing-on", **ALL_ON)
+PACKED_PALLAS = _impl("test-packing-on-pallas", attention="pallas", **ALL_ON)
+UNPACKED_PALLAS = _impl("test-packing-off-pallas", attention="pallas", **ALL_OFF)
+
+
+def _sample(params, obs, noise, num_steps, impl):
+    """What sampler.sample_actions does for a registered fast path: prepare on the host, then the specialized jit."""
+    prepared, plan = impl.prepare(params, obs, num_steps)
+    run = jax.jit(impl.specialize(plan).sample, static_argnums=3)
+    return np.asarray(run(prepared, obs, jnp.asarray(noise), num_steps))
+
+
+@pytest.fixture(scope="module")
+def unstacked(tiny_fp32):
+    return layer_stack.unstack_layers(tiny_fp32.params)
+
+
+# --- the layout -----------------------------------------------------------------------------------------------------
+
+
+def test_packed_layout_shapes_and_sharing(unstacked):
+    options = weight_packing.PackOptions(**ALL_ON)
+    packed = weight_packing.pack_weights(unstacked, options)
+    layers = packed["PaliGemma"]["llm"]["layers"]
+    for i, (p, ref) in enumerate(zip(layers, unstacked["PaliGemma"]["llm"]["layers"], strict=True)):
+        for sfx in ("", "_1"):
+            q, kv = ref["attn"][f"q_einsum{sfx}"]["w"], ref["attn"][f"kv_einsum{sfx}"]["w"]
+            n, d, h = q.shape
+            k = kv.shape[1]
+            if sfx == "" and i == len(layers) - 1:  # the KV-only last prefix layer stays as it is
+                assert p["attn"]["kv_einsum"] is ref["attn"]["kv_einsum"] and "qkv_einsum" not in p["attn"]
+                continue
+            assert f"q_einsum{sfx}" not in p["attn"] and f"kv_einsum{sfx}" not in p["attn"]
+            w = np.asarray(p["attn"][f"qkv_einsum{sfx}"]["w"])
+            assert w.shape == (d, k, n // k + 2, h)
+            g = n // k
+            np.testing.assert_array_equal(w[:, :, :g].transpose(1, 2, 0, 3).reshape(n, d, h), q)  # q head k*G+g
+            np.testing.assert_array_equal(w[:, :, g].transpose(1, 0, 2), kv[0])
+            np.testing.assert_array_equal(w[:, :, g + 1].transpose(1, 0, 2), kv[1])
+        assert p["mlp"] is ref["mlp"] and p["attn"]["attn_vec_einsum_1"] is ref["attn"]["attn_vec_einsum_1"]
+    for p, ref in zip(packed["PaliGemma"]["img"]["Transformer"]["encoderblock"],
+                      unstacked["PaliGemma"]["img"]["Transformer"]["encoderblock"], strict=True):
+        mha, rmha = p["MultiHeadDotProductAttention_0"], ref["MultiHeadDotProductAttention_0"]
+        d, n, h = rmha["query"]["kernel"].shape
+        qkv = np.asarray(mha["qkv"]["kernel"])
+        assert qkv.shape == (d, 3, n, PAD) and mha["qkv"]["bias"].shape == (3, n, PAD)
+        for c, name in enumerate(("query", "key", "value")):
+            np.testing.assert_array_equal(qkv[:, c, :, :h], rmha[name]["kernel"])
+            np.testing.assert_array_equal(np.asarray(mha["qkv"]["bias"])[c, :, :h], rmha[name]["bias"])
+        assert not qkv[..., h:].any() and not np.asarray(mha["qkv"]["bias"])[..., h:].any()
+        f = ref["MlpBlock_0"]["Dense_0"]["kernel"].shape[1]
+        fp = -(-f // PAD) * PAD
+        assert fp > f and p["MlpBlock_0"]["Dense_0"]["kernel"].shape[1] == fp
+        assert p["MlpBlock_0"]["Dense_1"]["kernel"].shape[0] == fp
+        assert not np.asarray(p["MlpBlock_0"]["Dense_1"]["kernel"])[f:].any()
+    assert packed["PaliGemma"]["llm"]["embedder"] is unstacked["PaliGemma"]["llm"]["embedder"]
+
+
+def test_pack_is_cached_per_checkpoint_and_options(unstacked):
+    a = weight_packing.pack_weights_cached(unstacked)
+    b = weight_packing.pack_weights_cached(unstacked)
+    assert a["PaliGemma"]["llm"]["layers"] is b["PaliGemma"]["llm"]["layers"]
+    c = weight_packing.pack_weights_cached(unstacked, weight_packing.PackOptions(fuse_siglip_qkv=False))
+    assert c["PaliGemma"]["img"]["Transformer"]["encoderblock"] is not a["PaliGemma"]["img"]["Transformer"][
+        "encoderblock"]
+    off = weight_packing.PackOptions(fuse_gemma_qkv=False, fuse_siglip_qkv=False, pad_siglip_mlp=False)
+    assert weight_packing.pack_weights_cached(unstacked, off) is unstacked
+
+
+def test_bad_pack_options_are_rejected():
+    with pytest.raises(ValueError, match="fuse_siglip_qkv"):
+        fast_path.FastPathOptions(fuse_siglip_qkv=False, pad_siglip_heads=True)
+    with pytest.raises(ValueError, match="pad_multiple"):
+        fast_path.FastPathOptions(pad_multiple=0)
+    with pytest.raises(ValueError, match="q_einsum"):
+        weight_packing.fuse_gemma_qkv_weights(np.zeros((8, 4, 2)), np.zeros((2, 3, 4, 2)))
+
+
+# --- the model pieces -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_padded_fused_siglip_equals_unpadded(unstacked, heads):
+    options = weight_packing.PackOptions(fuse_gemma_qkv=False, pad_siglip_heads=heads, pad_multiple=PAD)
+    packed = weight_packing.pack_weights(unstacked, options)
+    images = jax.random.uniform(jax.random.key(0), (2, 224, 224, 3), jnp.float32, -1.0, 1.0)
+    ref = jax.jit(lambda p: siglip.encode_images(p, images, dtype=jnp.float32))(unstacked["PaliGemma"]["img"])
+    ours = jax.jit(lambda p: siglip.encode_images_packed(p, images, dtype=jnp.float32))(packed["PaliGemma"]["img"])
+    assert rel_err(np.asarray(ours), np.asarray(ref)) <= PACKED_TOL["float32"]
+
+
+def test_fused_gemma_qkv_equals_separate(unstacked):
+    attn = unstacked["PaliGemma"]["llm"]["layers"][0]["attn"]
+    fused = {"qkv_einsum_1": {"w": weight_packing.fuse_gemma_qkv_weights(attn["q_einsum_1"]["w"],
+                                                                          attn["kv_einsum_1"]["w"])}}
+    d = attn["q_einsum_1"]["w"].shape[1]
+    x = jax.random.normal(jax.random.key(3), (2, 7, d), jnp.float32)
+    positions = 5 + jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (2, 7))
+    ref = jax.jit(lambda a: gemma.qkv_any(x, a, "_1", positions))(attn)
+    ours = jax.jit(lambda a: gemma.qkv_any(x, a, "_1", positions))(fused)
+    for o, r in zip(ours, ref, strict=True):
+        assert o.shape == r.shape
+        assert rel_err(np.asarray(o), np.asarray(r)) <= PACKED_TOL["float32"]
+
+
+# --- the fast path end to end ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_packed_fast_path_matches_unpacked_and_upstream(tiny_fp32, model_cases, case):
+    ins = case_inputs(model_cases, case)
+    obs = observation_from_arrays(ins, tiny_fp32.config)
+    steps = int(ins["num_steps"])
+    packed = _sample(tiny_fp32.params, obs, ins["noise"], steps, PACKED)
+    unpacked = _sample(tiny_fp32.params, obs, ins["noise"], steps, UNPACKED)
+    assert rel_err(packed, unpacked) <= PACKED_TOL["float32"]
+    assert rel_err(packed, model_cases[f"{case}/out/fp32/actions"]) <= FP32_REL_TOL
+
+
+def test_packed_pallas_matches_unpacked(tiny_fp32, model_cases):
+    ins = case_inputs(model_cases, "batch2_mixed")
+    obs = observation_from_arrays(ins, tiny_fp32.config)
+    steps = int(ins["num_steps"])
+    packed = _sample(tiny_fp32.params, obs, ins["noise"], steps, PACKED_PALLAS)
+    unpacked = _sample(tiny_fp32.params, obs, ins["noise"], steps, UNPACKED_PALLAS)
+    assert rel_err(packed, unpacked) <= PACKED_TOL["float32"]
+    assert rel_err(packed, model_cases["batch2_mixed/out/fp32/actions"]) <= FP32_REL_TOL
+
+
+def test_quantized_leaves_stay_unpacked_and_run(tiny_fp32, model_cases):
+    """FP8 SigLIP and prefix-stream weights and the expert's NVFP4 MLP (objects, not arrays) are not packed; the
+    float expert QKV in the same layers still is, and the packed fast path computes what the unpacked one does on
+    the same quantized params. (The quantized parts all run before the only packed one, the expert's QKV, so
+    their dynamic activation quantization sees identical inputs in both runs.)"""
+    from checkpoints.quantize import Plan, quantize_params
+    from pi05_jax.quantized.fp4_weight import Fp4Weight
+    from pi05_jax.quantized.fp8_weight import Fp8Weight
+
+    params = quantize_params(tiny_fp32.params, Plan(fmt="fp4", parts=("siglip", "prefix")))
+    ins = case_inputs(model_cases, "libero_like")
+    obs = observation_from_arrays(ins, tiny_fp32.config)
+    prepared, _ = PACKED.prepare(params, obs, 2)
+    layer = prepared["PaliGemma"]["llm"]["layers"][0]
+    assert "qkv_einsum_1" in layer["attn"] and "qkv_einsum" not in layer["attn"]
+    assert isinstance(layer["attn"]["q_einsum"]["w"], Fp8Weight)
+    assert isinstance(layer["mlp_1"]["linear"], Fp4Weight)
+    block = prepared["PaliGemma"]["img"]["Transformer"]["encoderblock"][0]
+    assert "qkv" not in block["MultiHeadDotProductAttention_0"]
+    assert isinstance(block["MlpBlock_0"]["Dense_0"]["kernel"], Fp8Weight)
+
+    packed = _sample(params, obs, ins["noise"], 2, PACKED)
+    unpacked = _sample(params, obs, ins["noise"], 2, UNPACKED)
+    assert np.isfinite(packed).all()
+    assert rel_err(packed, unpacked) <= PACKED_TOL["float32"]
