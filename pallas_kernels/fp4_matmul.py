@@ -83,20 +83,21 @@ class Fp4MatmulBlockSizes:
 
 
 def default_block_sizes(m: int, k: int, n: int, g: int = 1, x_dtype=jnp.bfloat16) -> Fp4MatmulBlockSizes:
-    """Heuristic tiles, to be replaced by what scripts/gpu_fp4.py measures on the H100.
+    """Tiles measured on the H100 (scripts/gpu_fp4.py, docs/PERF.md, 2026-11-26).
 
-    M <= 128 (denoise): one row block, 128-wide N tiles (x is re-read from L2 once per N tile, so narrow tiles
-    cost L2 traffic), and K split until there are >= 64 programs with >= 2 pipelined K steps each.
+    M <= 128 (denoise): one row block, 64-wide N tiles, and K split until there are >= 128 programs with >= 2
+    pipelined K steps each: the expert's gate/up (K=1024, N=4096, G=2) -> 128 programs, no split, 24.8 us/layer
+    (1.33x bf16); down (K=4096, N=1024) -> 8 K splits, 21.8 us (the 128-wide tiles measured 24.6-32.6 / 24.8 us).
     Larger M (prefill): 128 x 128 tiles. bfloat16 activations use the "f16" dequant, float32 ones "f32"."""
     dequant = "f16" if jnp.dtype(x_dtype) == jnp.bfloat16 else "f32"
-    block_n = math.gcd(n, 128)  # the largest power of two <= 128 dividing N
     if m > 128:
-        return Fp4MatmulBlockSizes(block_m=128, block_n=block_n, block_k=64, k_splits=1, num_warps=8,
+        return Fp4MatmulBlockSizes(block_m=128, block_n=math.gcd(n, 128), block_k=64, k_splits=1, num_warps=8,
                                    num_stages=3, dequant=dequant)
+    block_n = math.gcd(n, 64)  # the largest power of two <= 64 dividing N
     block_k = 128
     programs = g * max(1, n // block_n)
     k_splits = 1
-    while programs * k_splits < 64 and k // (2 * k_splits) >= 2 * block_k:
+    while programs * k_splits < 128 and k // (2 * k_splits) >= 2 * block_k:
         k_splits *= 2
     return Fp4MatmulBlockSizes(block_m=64, block_n=block_n, block_k=block_k, k_splits=k_splits, dequant=dequant)
 

@@ -169,13 +169,16 @@ def default_unroll_steps(params) -> bool:
 
 
 def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_attention=xla_suffix_attention,
-            unroll_steps: bool | None = None, unroll_layers: bool = False):
+            unroll_steps: bool | None = None, unroll_layers: bool = False, step_unroll: int = 1):
     """Upstream's Euler loop x <- x + dt * v(x, t) from noise [B,T,A] (float32) -> actions [B,T,A] float32.
 
     `suffix_attention(lengths)` returns the per-layer attention `(q, k_prefix, v_prefix, k_self, v_self) -> out`.
     Steps are unrolled (a Python loop over the known times: one straight-line executable) or a fori_loop (None:
     `default_unroll_steps`); the expert's layers are a lax.scan or, with `unroll_layers` or unstacked layers,
-    unrolled (more code, no loop bookkeeping, no per-layer weight slices)."""
+    unrolled (more code, no loop bookkeeping, no per-layer weight slices). `step_unroll` > 1 unrolls that many steps
+    per iteration of the fori_loop (fewer loop iterations, each a longer straight-line body)."""
+    if step_unroll < 1:
+        raise ValueError(f"step_unroll must be >= 1, got {step_unroll=}")
     if unroll_steps is None:
         unroll_steps = default_unroll_steps(params)
     llm = params["PaliGemma"]["llm"]
@@ -199,4 +202,4 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
         for i in range(steps):
             x = step(x, i)
         return x
-    return jax.lax.fori_loop(0, steps, lambda i, x: step(x, i), x)
+    return jax.lax.fori_loop(0, steps, lambda i, x: step(x, i), x, unroll=min(step_unroll, steps))

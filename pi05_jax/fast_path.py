@@ -43,6 +43,8 @@ class FastPathOptions:
     # Euler steps as straight-line code (True) or a lax.fori_loop (False); None: a fori_loop on unstacked layers (its
     # weights are loop invariants; 18 layer bodies to compile, not 180), unrolled on stacked ones (the old default).
     unroll_steps: bool | None = None
+    # with a fori_loop: Euler steps per loop iteration (lax.fori_loop's `unroll`); 1 = one step per iteration
+    step_unroll: int = 1
     # stacked layers: the expert's layers unrolled in Python (True) or a lax.scan (False); unstacked: always unrolled
     unroll_layers: bool = False
     # prepare() converts stacked params to per-layer buffers (pi05_jax.layer_stack), once per checkpoint
@@ -116,7 +118,8 @@ def prefill(params, obs, views, *, plan: PrefixPlan | None, options: FastPathOpt
 
 def denoise(params, prefix, noise, num_steps, *, options: FastPathOptions):
     return denoise_fast.denoise(params, prefix, noise, num_steps, suffix_attention=_attentions(options)[1],
-                                unroll_steps=options.unroll_steps, unroll_layers=options.unroll_layers)
+                                unroll_steps=options.unroll_steps, unroll_layers=options.unroll_layers,
+                                step_unroll=options.step_unroll)
 
 
 def make_implementation(name: str, options: FastPathOptions, description: str = "") -> sampler.Implementation:

@@ -225,3 +225,20 @@ def test_precompile_rejects_impossible_inputs(tiny_fp32):
         compile_cache.precompile(model, views=(4,))
     with pytest.raises(ValueError, match="prompt_lens"):
         compile_cache.precompile(model, views=(1,), prompt_lens=(0,))
+
+
+@pytest.mark.parametrize("step_unroll", [2, 5])
+def test_steps_unrolled_inside_the_fori_loop_reproduce_upstream(tiny_fp32, model_cases, step_unroll):
+    """lax.fori_loop(unroll=U) runs the same steps in the same order: upstream's actions to float32 rounding."""
+    name = f"compact_step_unroll{step_unroll}"
+    sampler.register(fast_path.make_implementation(name, fast_path.FastPathOptions(step_unroll=step_unroll)))
+    try:
+        ins = case_inputs(model_cases, "three_steps")
+        obs = observation_from_arrays(ins, tiny_fp32.config)
+        got = sampler.sample_actions(tiny_fp32.params, obs, noise=ins["noise"], num_steps=int(ins["num_steps"]),
+                                     kernels=name)
+        assert rel_err(got, model_cases["three_steps/out/fp32/actions"]) <= 1e-4
+    finally:
+        sampler.IMPLEMENTATIONS.pop(name)
+    with pytest.raises(ValueError, match="step_unroll"):
+        denoise_fast.denoise(tiny_fp32.params, None, None, 3, step_unroll=0)
