@@ -62,8 +62,8 @@ def main() -> int:
         vision, prefill, denoise = jax.jit(ph.vision), jax.jit(ph.prefill), jax.jit(ph.denoise)
         prefix = prefill(ph.params, built.obs, vision(ph.params, built.obs))
         a = np.asarray(sampler.sample_actions(params, built.obs, noise=built.noise, num_steps=10, kernels="pallas"))
-        total = median_ms(lambda: sampler.sample_actions(params, built.obs, noise=built.noise, num_steps=10,
-                                                         kernels="pallas"))
+        total = median_ms(lambda p: sampler.sample_actions(p, built.obs, noise=built.noise, num_steps=10,
+                                                           kernels="pallas"), params)
         den = median_ms(denoise, ph.params, prefix, built.noise)
         cos = float((a.ravel() @ base.ravel()) / np.linalg.norm(a) / np.linalg.norm(base))
         print(f"{label:10s} pallas end to end {total:7.2f} ms  denoise alone {den:7.2f} ms  cos vs bf16 {cos:.6f}",
