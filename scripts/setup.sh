@@ -19,18 +19,24 @@ done
 is_312() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }
 
 find_python() {
+  # Prefer 3.12 (what the GPU machines run): $PI05_PYTHON, python3.12 on PATH, pyenv's installs (oldest suitable
+  # first; they need not be the active version), then any python3.13 / python3 >= 3.12 on PATH.
   local c p v
-  for c in "${PI05_PYTHON:-}" python3.13 python3.12 python3; do
+  for c in "${PI05_PYTHON:-}" python3.12; do
     [ -n "$c" ] || continue
     p=$(command -v "$c" 2>/dev/null) || continue
     if is_312 "$p"; then echo "$p"; return 0; fi
   done
-  if command -v pyenv >/dev/null 2>&1; then  # pyenv installs that are not the active version
-    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9]|[2-9][0-9])(\.|$)' | sort -rV); do
+  if command -v pyenv >/dev/null 2>&1; then
+    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9]|[2-9][0-9])(\.|$)' | sort -V); do
       p=$(PYENV_VERSION="$v" pyenv which python 2>/dev/null) || continue
       if is_312 "$p"; then echo "$p"; return 0; fi
     done
   fi
+  for c in python3.13 python3; do
+    p=$(command -v "$c" 2>/dev/null) || continue
+    if is_312 "$p"; then echo "$p"; return 0; fi
+  done
   return 1
 }
 
