@@ -37,6 +37,17 @@ def patch_embed(img_params, images):
     return x + img_params["pos_embedding"].astype(jnp.float32)
 
 
+def _out_proj_and_mlp(x, o, lp, dtype):
+    """The rest of a block after attention: output projection + residual, then LayerNorm -> MLP + residual."""
+    mha = lp["MultiHeadDotProductAttention_0"]
+    x = x + (weight_einsum("BTNH,NHD->BTD", o, mha["out"]["kernel"]) + mha["out"]["bias"].astype(dtype))
+    y = layer_norm(x, lp["LayerNorm_1"]["scale"], lp["LayerNorm_1"]["bias"], dtype)
+    mlp = lp["MlpBlock_0"]
+    y = gelu_tanh(dense(y, mlp["Dense_0"]["kernel"], mlp["Dense_0"]["bias"], dtype))
+    y = dense(y, mlp["Dense_1"]["kernel"], mlp["Dense_1"]["bias"], dtype)
+    return x + y
+
+
 def encoder_block(x, lp, dtype, attention_fn=None):
     """One pre-LN transformer block; `lp` is one layer's slice of `Transformer/encoderblock`."""
     y = layer_norm(x, lp["LayerNorm_0"]["scale"], lp["LayerNorm_0"]["bias"], dtype)
@@ -53,13 +64,7 @@ def encoder_block(x, lp, dtype, attention_fn=None):
         o = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
     else:
         o = attention_fn(q, k, v)
-    o = weight_einsum("BTNH,NHD->BTD", o, mha["out"]["kernel"]) + mha["out"]["bias"].astype(dtype)
-    x = x + o
-    y = layer_norm(x, lp["LayerNorm_1"]["scale"], lp["LayerNorm_1"]["bias"], dtype)
-    mlp = lp["MlpBlock_0"]
-    y = gelu_tanh(dense(y, mlp["Dense_0"]["kernel"], mlp["Dense_0"]["bias"], dtype))
-    y = dense(y, mlp["Dense_1"]["kernel"], mlp["Dense_1"]["bias"], dtype)
-    return x + y
+    return _out_proj_and_mlp(x, o, lp, dtype)
 
 
 def encode_images(img_params, images, *, dtype):
@@ -103,13 +108,7 @@ def encoder_block_packed(x, lp, dtype):
         return encoder_block(x, lp, dtype)
     y = layer_norm(x, lp["LayerNorm_0"]["scale"], lp["LayerNorm_0"]["bias"], dtype)
     o = _attention_packed(y, mha, dtype)
-    o = weight_einsum("BTNH,NHD->BTD", o, mha["out"]["kernel"]) + mha["out"]["bias"].astype(dtype)
-    x = x + o
-    y = layer_norm(x, lp["LayerNorm_1"]["scale"], lp["LayerNorm_1"]["bias"], dtype)
-    mlp = lp["MlpBlock_0"]
-    y = gelu_tanh(dense(y, mlp["Dense_0"]["kernel"], mlp["Dense_0"]["bias"], dtype))
-    y = dense(y, mlp["Dense_1"]["kernel"], mlp["Dense_1"]["bias"], dtype)
-    return x + y
+    return _out_proj_and_mlp(x, o, lp, dtype)
 
 
 def encode_images_packed(img_params, images, *, dtype):
