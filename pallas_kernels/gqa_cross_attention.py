@@ -9,6 +9,10 @@ own K/V. With batch 1 a kernel that loops over all keys in one program per row b
 key axis is split over the grid (flash decoding): grid (B, K, J, row blocks), split j < P covers prefix keys
 [j*split_k, (j+1)*split_k) clipped to the row's length (splits past it load nothing), split P covers the self keys.
 Each program writes its fp32 partial (accumulator, max, sum); a small plain-JAX step combines the J partials.
+
+`BlockSizes(single_pass=True)` selects the other schedule: grid (B, K, row blocks) only; each program sweeps the
+row's valid prefix keys and then the self keys with one fp32 online softmax and writes the normalized output
+directly (no partials, no combine step). Small row blocks (16 or 32 of the 400 rows) keep 13-25 programs busy.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pallas_kernels.ragged_prefill_attention import (
     dot_precision,
     init_carry,
     key_block_for,
+    normalize,
     tile_for,
 )
 
@@ -40,7 +45,8 @@ class BlockSizes:
 
     block_rows: query rows per program, counted as (token, head) pairs of one KV head (power of 2, >= 16).
     block_k: keys per inner step (power of 2, >= 16; capped at 16 for float32 inputs).
-    split_k: prefix keys per program, the flash-decoding split (a multiple of block_k).
+    split_k: prefix keys per program, the flash-decoding split (a multiple of block_k); unused when single_pass.
+    single_pass: one program per row block sweeps all keys and writes the final output (no split, no combine).
     num_warps / num_stages: Triton launch parameters.
     """
 
@@ -49,13 +55,14 @@ class BlockSizes:
     split_k: int = 128
     num_warps: int = 8  # at head_dim 256, 4 warps spill the [64, 256] fp32 accumulator (ptxas, sm_90a)
     num_stages: int = 2
+    single_pass: bool = False
 
     def __post_init__(self):
         for name in ("block_rows", "block_k"):
             value = getattr(self, name)
             if not (_is_power_of_2(value) and value >= MIN_TILE):
                 raise ValueError(f"BlockSizes.{name} must be a power of 2 >= {MIN_TILE}; got {value=}")
-        if self.split_k < self.block_k or self.split_k % self.block_k:
+        if not self.single_pass and (self.split_k < self.block_k or self.split_k % self.block_k):
             raise ValueError(f"BlockSizes.split_k must be a multiple of block_k; got {self.split_k=}, {self.block_k=}")
         if self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"BlockSizes needs num_warps, num_stages >= 1; got {self.num_warps=}, {self.num_stages=}")
@@ -83,6 +90,23 @@ def _cross_kernel(
     acc_ref[pl.ds(row_start, block_rows), :] = acc
     max_ref[pl.ds(row_start, block_rows)] = row_max
     sum_ref[pl.ds(row_start, block_rows)] = row_sum
+
+
+def _single_pass_kernel(
+    len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, o_ref,
+    *, prefix_len, self_len, block_rows, block_k, block_k_self, precision,
+):  # fmt: skip
+    rows_total, head_dim = q_ref.shape
+    row_start = jnp.minimum(pl.program_id(2) * block_rows, rows_total - block_rows)  # the last block may overlap
+    length = jnp.clip(len_ref[()], 0, prefix_len)
+    q = q_ref[pl.ds(row_start, block_rows), :]
+    carry = init_carry(block_rows, head_dim)
+    carry = attend_key_range(q, kp_ref, vp_ref, carry, begin=0, end=length, block_k=block_k, precision=precision)
+    carry = attend_key_range(
+        q, ks_ref, vs_ref, carry, begin=0, end=jnp.int32(self_len), block_k=block_k_self, precision=precision
+    )  # every row sees all self keys, so its total is positive
+    acc, _, total = carry
+    o_ref[pl.ds(row_start, block_rows), :] = normalize(acc, total).astype(o_ref.dtype)
 
 
 def _check_inputs(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self):
@@ -162,6 +186,12 @@ def _gqa_cross(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self, *, block_s
     k_prefix, v_prefix = _pad_axis1(k_prefix, block_k), _pad_axis1(v_prefix, block_k)
     k_self, v_self = _pad_axis1(k_self, block_k_self), _pad_axis1(v_self, block_k_self)
     rows_padded = qr.shape[2]
+    if block_sizes.single_pass:
+        out = _single_pass_call(
+            prefix_lengths, qr, k_prefix, v_prefix, k_self, v_self, prefix_len=s, self_len=t, block_rows=block_rows,
+            block_k=block_k, block_k_self=block_k_self, block_sizes=block_sizes, interpret=interpret,
+        )[:, :, :rows]  # fmt: skip
+        return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
     splits = num_prefix_splits + 1
 
     kernel = functools.partial(
@@ -204,6 +234,40 @@ def _gqa_cross(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self, *, block_s
 
     out = combine_splits(acc, row_max, row_sum)[:, :, :rows]  # [B,K,R,H] float32
     return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def _single_pass_call(
+    prefix_lengths, qr, k_prefix, v_prefix, k_self, v_self,
+    *, prefix_len, self_len, block_rows, block_k, block_k_self, block_sizes: BlockSizes, interpret: bool,
+):  # fmt: skip
+    """The single-pass pallas_call on the row layout: qr [B,K,R,H] -> [B,K,R,H] in qr.dtype."""
+    b, kh, rows_padded, h = qr.shape
+    kernel = functools.partial(
+        _single_pass_kernel,
+        prefix_len=prefix_len,
+        self_len=self_len,
+        block_rows=block_rows,
+        block_k=block_k,
+        block_k_self=block_k_self,
+        precision=dot_precision(qr.dtype),
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, kh, rows_padded, h), qr.dtype),
+        grid=(b, kh, pl.cdiv(rows_padded, block_rows)),
+        in_specs=[
+            pl.BlockSpec((None,), lambda bi, ki, ri: (bi,)),
+            pl.BlockSpec((None, None, rows_padded, h), lambda bi, ki, ri: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, k_prefix.shape[1], None, h), lambda bi, ki, ri: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, k_prefix.shape[1], None, h), lambda bi, ki, ri: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, k_self.shape[1], None, h), lambda bi, ki, ri: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, k_self.shape[1], None, h), lambda bi, ki, ri: (bi, 0, ki, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, rows_padded, h), lambda bi, ki, ri: (bi, ki, 0, 0)),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
+        interpret=interpret,
+        name="gqa_cross_attention_single_pass",
+    )(prefix_lengths, qr, k_prefix, v_prefix, k_self, v_self)
 
 
 def combine_splits(acc, row_max, row_sum):

@@ -1,5 +1,6 @@
-"""GQA cross-attention (denoise): the flash-decoding Pallas kernel (interpret mode on the CPU) against its plain-JAX
-reference, and the reference against upstream's masked attention over (prefix ++ suffix) keys."""
+"""GQA cross-attention (denoise): the flash-decoding Pallas kernel and its single-pass variant (interpret mode on the
+CPU) against their plain-JAX reference, and the reference against upstream's masked attention over (prefix ++ suffix)
+keys."""
 
 from __future__ import annotations
 
@@ -107,13 +108,48 @@ def test_other_shapes(shape, tokens):
     check_against_reference(shape, [shape["slots"], 7], jnp.float32, tokens=tokens, seed=5)
 
 
-def test_prefix_past_the_length_is_never_used():
+SINGLE_PASS = BlockSizes(block_rows=16, single_pass=True)  # 25 programs over the 400 rows of the real shape
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("slots,lengths", [(576, [572, 77]), (968, [1, 968])], ids=["S576", "S968"])
+def test_single_pass_real_shape(slots, lengths, dtype):
+    check_against_reference(dict(REAL, slots=slots), lengths, dtype, block_sizes=SINGLE_PASS, seed=slots)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("lengths", [[1, 968], [572, 77], [0, 129]], ids=str)
+def test_single_pass_tiny_config_batch2(lengths, dtype):
+    check_against_reference(TINY, lengths, dtype, block_sizes=SINGLE_PASS)
+
+
+@pytest.mark.parametrize(
+    "block_sizes",
+    [
+        BlockSizes(block_rows=32, block_k=32, single_pass=True),  # 13 row blocks, the last one overlapping
+        BlockSizes(block_rows=64, block_k=128, split_k=16, single_pass=True),  # split_k is ignored when single pass
+        BlockSizes(block_rows=512, block_k=16, single_pass=True),  # one block wider than the 400 rows: padded q
+    ],
+    ids=lambda b: f"rows{b.block_rows}_k{b.block_k}",
+)
+def test_single_pass_block_sizes(block_sizes):
+    check_against_reference(TINY, [968, 300], jnp.bfloat16, block_sizes=block_sizes, seed=4)
+
+
+def test_single_pass_other_shapes():
+    # Two KV heads, a prefix and suffix below the smallest tile.
+    shape = dict(slots=10, heads=8, kv_heads=2, head_dim=32)
+    check_against_reference(shape, [10, 7], jnp.float32, block_sizes=SINGLE_PASS, tokens=3, seed=6)
+
+
+@pytest.mark.parametrize("block_sizes", [BlockSizes(), SINGLE_PASS], ids=["split", "single_pass"])
+def test_prefix_past_the_length_is_never_used(block_sizes):
     # NaN everywhere past each row's prefix length: nothing of it may reach the result.
     q, kp, vp, ks, vs = make_inputs(2, **TINY, dtype=jnp.float32, seed=7)
     lengths = jnp.asarray([77, 600], jnp.int32)
     dead = jnp.arange(TINY["slots"])[None, :, None, None] >= lengths[:, None, None, None]
     kp_bad, vp_bad = jnp.where(dead, jnp.nan, kp), jnp.where(dead, jnp.nan, vp)
-    out = gqa_cross_attention(q, kp_bad, vp_bad, lengths, ks, vs, interpret=True)
+    out = gqa_cross_attention(q, kp_bad, vp_bad, lengths, ks, vs, block_sizes=block_sizes, interpret=True)
     ref = gqa_cross_attention_reference(q, kp, vp, lengths, ks, vs)
     assert np.all(np.isfinite(as_f32(out)))
     np.testing.assert_allclose(as_f32(out), as_f32(ref), **TOL[jnp.float32])
@@ -176,15 +212,17 @@ def lower_for_h100(fn, *args):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("block_sizes", [BlockSizes(), SINGLE_PASS], ids=["split", "single_pass"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_triton_lowering_for_h100(dtype):
+def test_triton_lowering_for_h100(dtype, block_sizes):
     q = jax.ShapeDtypeStruct((1, ACTIONS, 8, 256), dtype)
     prefix = jax.ShapeDtypeStruct((1, 968, 1, 256), dtype)
     suffix = jax.ShapeDtypeStruct((1, ACTIONS, 1, 256), dtype)
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
-    fn = functools.partial(gqa_cross_attention, interpret=False)
+    fn = functools.partial(gqa_cross_attention, block_sizes=block_sizes, interpret=False)
     text = lower_for_h100(fn, q, prefix, prefix, lengths, suffix, suffix)
     assert "__gpu$xla.gpu.triton" in text and "gqa_cross_attention" in text
+    assert ("gqa_cross_attention_single_pass" in text) == block_sizes.single_pass
 
 
 def test_second_call_does_not_recompile():
