@@ -39,11 +39,24 @@ def num_layers(layers) -> int:
     return int(leaves[0].shape[0])
 
 
-def unstack(layers) -> tuple:
-    """A stacked layer group -> a tuple of per-layer pytrees (leaf[i] of every leaf); unstacked stays as it is."""
+def unstack(layers, *, consume: bool = False) -> tuple:
+    """A stacked layer group -> a tuple of per-layer pytrees (leaf[i] of every leaf); unstacked stays as it is.
+
+    `consume=True` frees each stacked device array as soon as its slices exist, so converting a loaded checkpoint
+    needs the weights plus one stacked leaf of memory, not two copies of the weights (the caller must not use the
+    stacked arrays afterwards)."""
     if is_unstacked(layers):
         return layers
-    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers(layers)))
+    n = num_layers(layers)
+    if not consume:
+        return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
+    leaves, treedef = jax.tree.flatten(layers)
+    per_leaf = []
+    for a in leaves:
+        per_leaf.append(jax.block_until_ready([a[i] for i in range(n)]))
+        if isinstance(a, jax.Array):
+            a.delete()
+    return tuple(jax.tree.unflatten(treedef, [slices[i] for slices in per_leaf]) for i in range(n))
 
 
 def per_layer(layers, select: Callable):
@@ -70,10 +83,11 @@ def params_unstacked(params) -> bool:
     return is_unstacked(_get(params, LLM_PATH)) and is_unstacked(_get(params, IMG_PATH))
 
 
-def unstack_layers(params) -> dict:
-    """params with both layer groups in the unstacked layout (new dicts along the two paths; other leaves shared)."""
+def unstack_layers(params, *, consume: bool = False) -> dict:
+    """params with both layer groups in the unstacked layout (new dicts along the two paths; other leaves shared).
+    `consume=True`: the stacked arrays are freed as they are converted (see `unstack`)."""
     for path in (LLM_PATH, IMG_PATH):
-        params = _replace(params, path, unstack(_get(params, path)))
+        params = _replace(params, path, unstack(_get(params, path), consume=consume))
     return params
 
 

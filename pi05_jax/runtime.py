@@ -49,7 +49,8 @@ class Model:
         if unstack_layers:
             from pi05_jax import layer_stack
 
-            params = layer_stack.unstack_layers(params)  # the stacked arrays are dropped with `load`'s result
+            # freed leaf by leaf as they are converted: peak memory is the weights plus one stacked leaf
+            params = layer_stack.unstack_layers(params, consume=True)
         return cls(config=config, params=params, kernels=kernels)
 
     @property

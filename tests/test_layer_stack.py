@@ -246,3 +246,18 @@ def _dummy_obs(model):
     from pi05_jax.synthetic import synthetic_arrays
 
     return observation_from_arrays(synthetic_arrays(model.config, views=3, prompt_len=10, seed=0), model.config)
+
+
+def test_consuming_conversion_frees_the_stacked_arrays_and_keeps_the_values(reference_dir):
+    """Model.load's conversion: the same per-layer values as a plain unstack, and the stacked buffers are freed."""
+    from checkpoints.openpi_io import load_params
+    from pi05_jax import layer_stack
+
+    _, params = load_params(reference_dir / "checkpoint", dtype="float32")
+    _, again = load_params(reference_dir / "checkpoint", dtype="float32")
+    stacked = jax.tree.leaves(again["PaliGemma"]["llm"]["layers"])
+    plain = layer_stack.unstack_layers(params)
+    consumed = layer_stack.unstack_layers(again, consume=True)
+    assert all(a.is_deleted() for a in stacked)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(consumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
