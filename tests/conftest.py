@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import pathlib
 
@@ -66,3 +68,15 @@ def rel_err(a, b) -> float:
 def cosine(a, b) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    """Run `pi05 ARGV` in this process: (exit status, stdout, stderr without the one-time warnings about fast-path
+    modules that failed to import)."""
+    from pi05_jax.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    lines = [ln for ln in err.getvalue().splitlines(keepends=True) if not ln.startswith("warning: skipping ")]
+    return code, out.getvalue(), "".join(lines)

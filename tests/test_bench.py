@@ -11,9 +11,7 @@ Independent counts used here (none of them reads `pi05_jax.bench.roofline`):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 
 import jax
@@ -24,9 +22,9 @@ import pytest
 from pi05_jax import sampler
 from pi05_jax.bench import roofline as rf
 from pi05_jax.bench.jaxpr_flops import matmul_flops
-from pi05_jax.cli import main
 from pi05_jax.config import preset
 from pi05_jax.synthetic import synthetic_noise, synthetic_observation
+from tests.conftest import run_cli
 
 PHASES = ("vision", "prefill", "denoise")
 ALIAS = "reference_alias"  # a second implementation (same computation) so the run has a ratio to report
@@ -34,16 +32,6 @@ ALIAS = "reference_alias"  # a second implementation (same computation) so the r
 # at the tiny widths (32-128) that is a few percent of the matmuls, far below 15%, while any missing matmul term
 # (an MLP, the attention, a projection) is 15% or more of its phase.
 XLA_ELEMENTWISE_MARGIN = 0.15
-
-
-def run_cli(argv) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr without the warnings about fast-path modules that failed to import, which
-    other work in progress may cause and which are printed once per process)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    lines = [ln for ln in err.getvalue().splitlines(keepends=True) if not ln.startswith("warning: skipping ")]
-    return code, out.getvalue(), "".join(lines)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ threads, an `XLA Ops` line that must not be double counted).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import io
 import itertools
 import json
 
@@ -18,20 +16,10 @@ import jax.numpy as jnp
 import pytest
 
 from pi05_jax.bench import trace
-from pi05_jax.cli import main
+from tests.conftest import run_cli
 
 PHASES = ("vision", "prefill", "denoise")
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
-
-
-def run_cli(argv) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr without the warnings about fast-path modules that failed to import, which
-    other work in progress may cause and which are printed once per process)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    lines = [ln for ln in err.getvalue().splitlines(keepends=True) if not ln.startswith("warning: skipping ")]
-    return code, out.getvalue(), "".join(lines)
 
 
 @pytest.fixture(scope="module")
