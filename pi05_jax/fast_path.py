@@ -30,6 +30,10 @@ import functools
 
 import jax.numpy as jnp
 
+# Imported up front for its side effect: it loads Pallas' fuser module, which registers a JAX config flag. Loaded
+# lazily while the first pallas_call is traced, that flag changes the tracing context after the sampler's first
+# compile, so the second call of a `pallas` executable would compile again.
+import pallas_kernels._interpret  # noqa: F401
 from pi05_jax import compact_prefix, denoise_fast, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
 

@@ -242,3 +242,32 @@ def test_steps_unrolled_inside_the_fori_loop_reproduce_upstream(tiny_fp32, model
         sampler.IMPLEMENTATIONS.pop(name)
     with pytest.raises(ValueError, match="step_unroll"):
         denoise_fast.denoise(tiny_fp32.params, None, None, 3, step_unroll=0)
+
+
+def test_pallas_path_compiles_once_in_a_fresh_process(reference_dir):
+    """The first call compiles, the second must not (a lazily imported Pallas module once forced a recompile)."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import json
+        import numpy as np
+        from pi05_jax import compile_cache
+        from pi05_jax.observation import observation_from_arrays
+        from pi05_jax.runtime import Model
+        m = Model.load({str(reference_dir / "checkpoint")!r}, dtype="float32", kernels="pallas")
+        z = np.load({str(reference_dir / "model_cases.npz")!r})
+        ins = {{k[len("libero_like/in/"):]: z[k] for k in z.files if k.startswith("libero_like/in/")}}
+        obs = observation_from_arrays(ins, m.config)
+        counts = []
+        for _ in range(3):
+            with compile_cache.count_compilations() as c:
+                m.sample(obs, noise=ins["noise"], num_steps=2)
+            counts.append(c.count)
+        print("COUNTS", json.dumps(counts))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    counts = json.loads(out.stdout.split("COUNTS", 1)[1].strip())
+    assert counts[0] > 0 and counts[1:] == [0, 0], counts
