@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from gpu_common import cosine, rel_err, say, time_sample
 
 from checkpoints.random_init import random_params
-from pi05_jax import compact_prefix, compile_cache, fast_path, sampler
+from pi05_jax import compact_prefix, fast_path, sampler
 from pi05_jax.config import preset
 from pi05_jax.observation import observation_from_arrays
 from pi05_jax.synthetic import synthetic_arrays, synthetic_noise
@@ -44,18 +45,10 @@ BF16_MIN_COSINE = 0.9999  # vs reference in bf16: the project's bf16 bar (README
 T0 = time.perf_counter()
 
 
-def say(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def make_obs(config, *, batch=1, views=2, prompt_len=60, seed=0, row_overrides=None):
@@ -72,26 +65,13 @@ def make_obs(config, *, batch=1, views=2, prompt_len=60, seed=0, row_overrides=N
     return dataclasses.replace(obs, images=images, state=jax.device_put(obs.state))
 
 
-def time_impl(params, obs, noise, kernels, *, steps, repeats, warmup=3):
-    def call():
-        return jax.block_until_ready(sampler.sample_actions(params, obs, noise=noise, num_steps=steps,
-                                                            kernels=kernels))
 
-    t = time.perf_counter()
-    actions = call()
-    first = time.perf_counter() - t
-    for _ in range(warmup):
-        call()
-    times = []
-    with compile_cache.count_compilations() as compiles:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return {"actions": np.asarray(actions, np.float32), "first_s": first, "median_ms": statistics.median(times) * 1e3,
-            "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3, "min_ms": times[0] * 1e3,
-            "compiles": compiles.count}
+
+def time_impl(params, obs, noise, kernels, *, steps, repeats, warmup=3):
+    actions, first, times, compiles = time_sample(params, obs, noise, kernels, steps=steps, repeats=repeats,
+                                                  warmup=warmup)
+    return {"actions": actions, "first_s": first, "median_ms": statistics.median(times) * 1e3,
+            "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3, "min_ms": times[0] * 1e3, "compiles": compiles}
 
 
 def register_variants(args) -> list[str]:

@@ -23,29 +23,21 @@ import time
 
 import jax
 import numpy as np
+from gpu_common import cosine, rel_err, say, time_sample
 
-from pi05_jax import compile_cache, fast_path, layer_stack, sampler
+from pi05_jax import fast_path, layer_stack, sampler
 from pi05_jax.bench.selection import random_weights
 from pi05_jax.config import preset
 from pi05_jax.observation import observation_from_arrays
 from pi05_jax.synthetic import synthetic_arrays, synthetic_noise
 
 BF16_MIN_COSINE = 0.9999
-T0 = time.perf_counter()
 
 
-def say(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def variants(only: str | None) -> list[tuple[str, str, bool]]:
@@ -63,25 +55,14 @@ def variants(only: str | None) -> list[tuple[str, str, bool]]:
     return out
 
 
-def time_impl(params, obs, noise, kernels, *, steps, repeats, warmup=3):
-    def call():
-        return jax.block_until_ready(sampler.sample_actions(params, obs, noise=noise, num_steps=steps,
-                                                            kernels=kernels))
 
-    t = time.perf_counter()
-    actions = call()
-    first = time.perf_counter() - t
-    for _ in range(warmup):
-        call()
-    times = []
-    with compile_cache.count_compilations() as compiles:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t)
+
+def time_impl(params, obs, noise, kernels, *, steps, repeats, warmup=3):
+    actions, first, times, compiles = time_sample(params, obs, noise, kernels, steps=steps, repeats=repeats,
+                                                  warmup=warmup)
     median = statistics.median(times)
-    return {"actions": np.asarray(actions, np.float32), "first_s": first, "compile_s": first - median,
-            "median_ms": median * 1e3, "min_ms": min(times) * 1e3, "compiles": compiles.count}
+    return {"actions": actions, "first_s": first, "compile_s": first - median, "median_ms": median * 1e3,
+            "min_ms": times[0] * 1e3, "compiles": compiles}
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gpu_common import cosine, rel_err, say
 
 from pi05_jax import compile_cache, fast_path, sampler
 from pi05_jax.bench.implementations import phased
@@ -33,7 +34,6 @@ from pi05_jax.observation import observation_from_arrays
 from pi05_jax.synthetic import synthetic_arrays, synthetic_noise
 
 BF16_MIN_COSINE = 0.9999
-T0 = time.perf_counter()
 OFF = dict(fuse_gemma_qkv=False, fuse_siglip_qkv=False, pad_siglip_mlp=False, pad_siglip_heads=False)
 # label -> packing fields (over FastPathOptions(attention="pallas")); "default" is FastPathOptions' defaults
 VARIANTS = {
@@ -48,18 +48,10 @@ VARIANTS = {
 PHASED = ("baseline", "default")
 
 
-def say(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def timed(fn, args, repeats: int, warmup: int = 3) -> dict:
