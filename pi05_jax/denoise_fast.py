@@ -23,13 +23,12 @@ Axis legend: B batch, T action tokens, A action dim, S prefix len, L layers, D w
 
 from __future__ import annotations
 
-import weakref
-
 import jax
 import jax.numpy as jnp
 
 from pi05_jax import gemma, layer_stack, sampler
 from pi05_jax.compact_prefix import CompactPrefix
+from pi05_jax.device_constants import LeafCache
 from pi05_jax.linear import promoted_dense
 from pi05_jax.weights import weight_einsum
 
@@ -64,26 +63,14 @@ def compute_modulation_table(params, num_steps: int, dtype) -> dict:
 
 
 _table_jit = jax.jit(compute_modulation_table, static_argnames=("num_steps", "dtype"))
-
-# (num_steps, dtype, ids of the leaves) -> (weak references to those leaves, table). Weak references so a dropped
-# checkpoint is not kept alive by its table, and a reused id() is never mistaken for the same checkpoint.
-_TABLES: dict[tuple, tuple[list, dict]] = {}
+_TABLES = LeafCache()
 
 
 def modulation_table(params, num_steps: int) -> dict:
     """The device-resident modulation table for this checkpoint and num_steps, computed on first use."""
     sub = _conditioning_params(params)
-    leaves = jax.tree.leaves(sub)
     dtype = jnp.dtype(sampler.params_dtype(params))
-    key = (num_steps, dtype.name, tuple(id(x) for x in leaves))
-    hit = _TABLES.get(key)
-    if hit is not None and all(ref() is leaf for ref, leaf in zip(hit[0], leaves, strict=True)):
-        return hit[1]
-    table = _table_jit(sub, num_steps=num_steps, dtype=dtype)
-    for k in [k for k, (refs, _) in _TABLES.items() if any(r() is None for r in refs)]:
-        del _TABLES[k]  # tables of checkpoints that are gone
-    _TABLES[key] = ([weakref.ref(x) for x in leaves], table)
-    return table
+    return _TABLES.get(sub, lambda: _table_jit(sub, num_steps=num_steps, dtype=dtype), tag=(num_steps, dtype.name))
 
 
 def with_constants(params, num_steps: int) -> dict:

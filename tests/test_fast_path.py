@@ -46,7 +46,7 @@ def reference_fp32_actions(tiny_fp32, model_cases):
 # --- parity ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernels,case", [(k, c) for k in ("compact", "pallas") for c in MODEL_CASES])
+@pytest.mark.parametrize("kernels,case", [(k, c) for k in ("compact", "pallas", "fused") for c in MODEL_CASES])
 def test_float32_actions_match_reference_and_upstream(tiny_fp32, model_cases, reference_fp32_actions, kernels, case):
     ins, obs = _case(tiny_fp32, model_cases, case)
     actions = _sample(tiny_fp32, obs, ins["noise"], int(ins["num_steps"]), kernels)
@@ -65,7 +65,8 @@ def test_float32_velocity_at_t1_matches_upstream(tiny_fp32, model_cases, case):
     assert rel_err(v_t1, model_cases[f"{case}/out/fp32/velocity_t1"]) <= FP32_REL_TOL
 
 
-@pytest.mark.parametrize("kernels,case", [("compact", c) for c in MODEL_CASES] + [("pallas", "batch2_mixed")])
+@pytest.mark.parametrize("kernels,case",
+                         [("compact", c) for c in MODEL_CASES] + [(k, "batch2_mixed") for k in ("pallas", "fused")])
 def test_bfloat16_actions_match_upstream(tiny_bf16, model_cases, kernels, case):
     ins, obs = _case(tiny_bf16, model_cases, case)
     actions = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), kernels)
