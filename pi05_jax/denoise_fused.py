@@ -27,6 +27,8 @@ expert weights; `supported(params)` says whether a checkpoint qualifies.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,7 +38,7 @@ from pallas_kernels.matmul_gated_residual import GatedResidualBlockSizes, matmul
 from pi05_jax import denoise_fast, gemma, layer_stack, sampler
 from pi05_jax.compact_prefix import CompactPrefix
 from pi05_jax.device_constants import LeafCache
-from pi05_jax.linear import promoted_dense
+from pi05_jax.linear import gelu_tanh, promoted_dense
 
 FUSED_KEY = "fused_expert"  # params[denoise_fast.CONSTANTS_KEY][FUSED_KEY]: `fused_constants`
 _ROW_BLOCK = 64  # the kernels' default block_m: rows are padded to a multiple of min(64, next pow2 >= B*T)
@@ -113,9 +115,39 @@ def rope_angles(positions, head_dim: int, rows: int):
     return jnp.cos(radians), jnp.sin(radians)
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedExpertOptions:
+    """Which pieces of the expert layer run as the fused Pallas kernels ("pallas") or as XLA ops ("xla": the same
+    ops denoise_fast runs, on the float32 residual stream), and the kernels' tiles.
+
+    qkv: adaRMS norm + QKV GEMM + RoPE (ada_norm_matmul_rope); mlp_in: adaRMS norm + gate/up GEMM + GeGLU
+    (ada_norm_matmul_geglu); residual: the out and down projections with their gated residual adds
+    (matmul_gated_residual)."""
+
+    qkv: str = "pallas"
+    mlp_in: str = "pallas"
+    residual: str = "pallas"
+    # tiles: the best of scripts/gpu_fused_expert.py's micro-benchmark (H200, docs/PERF.md)
+    qkv_blocks: AdaNormMatmulBlockSizes = dataclasses.field(
+        default_factory=lambda: AdaNormMatmulBlockSizes(block_n=32))
+    mlp_in_blocks: AdaNormMatmulBlockSizes = dataclasses.field(
+        default_factory=lambda: AdaNormMatmulBlockSizes(block_n=32, block_k=64))
+    out_blocks: GatedResidualBlockSizes = dataclasses.field(
+        default_factory=lambda: GatedResidualBlockSizes(block_n=32, k_splits=8))
+    down_blocks: GatedResidualBlockSizes = dataclasses.field(
+        default_factory=lambda: GatedResidualBlockSizes(block_n=32, k_splits=4))
+
+    def __post_init__(self):
+        for name in ("qkv", "mlp_in", "residual"):
+            if getattr(self, name) not in PIECES:
+                raise ValueError(f"{name} must be one of {PIECES}, got {name}={getattr(self, name)!r}")
+
+
+PIECES = ("pallas", "xla")
+
+
 def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_attention,
-            norm_blocks: AdaNormMatmulBlockSizes | None = None,
-            residual_blocks: GatedResidualBlockSizes | None = None):
+            options: FusedExpertOptions = FusedExpertOptions()):
     """denoise_fast.denoise's Euler loop (a fori_loop over steps) with the fused expert layer. noise [B,T,A] float32
     -> actions [B,T,A] float32. `suffix_attention(lengths)` as in denoise_fast (the Pallas or the XLA one)."""
     llm = params["PaliGemma"]["llm"]
@@ -141,26 +173,49 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
     attend = suffix_attention(prefix.lengths)
     cache_k, cache_v = prefix.kv
     final_scale, final_shift, _ = table["final"]  # each [I, 1, 1, D]
+    opt = options
 
-    def layer(x, i, p, c, ck, cv):
+    def valid(x):  # the float32 stream's B*T valid rows as [B, T, D]
+        return x[:bt].reshape(b, t, d)
+
+    def to_rows(a):  # [B, T, ...] -> [rows, prod(...)], zero-padded rows
+        return jnp.pad(a.reshape(bt, -1), ((0, rows - bt), (0, 0)))
+
+    def residual(a, w, gate_table, mods, x, i, blocks):
+        if opt.residual == "pallas":
+            return matmul_gated_residual(a, w, gate_table, x, step=i, block_sizes=blocks)
+        return x + (jnp.dot(a, w.astype(a.dtype)) * mods[2].reshape(1, d)).astype(jnp.float32)
+
+    def layer(x, i, li, p, c, ck, cv):
         w_qkv, w_o, w_gating, w_down = _expert_weights(p)
-        qkv = ada_norm_matmul_rope(x, c["gain_attn"], w_qkv.reshape(d, kh * g2, 2, h // 2), c["shift_qkv"], cos, sin,
-                                   group=g, step=i, block_sizes=norm_blocks)
-        qkv = qkv[:bt].reshape(b, t, kh, g2, h)
-        q = qkv[:, :, :, :g].reshape(b, t, kh * g, h)
-        o = attend(q, ck, cv, qkv[:, :, :, g], qkv[:, :, :, g + 1])  # [B, T, N, H]
-        o = jnp.pad(o.reshape(bt, -1), ((0, rows - bt), (0, 0)))
-        x = matmul_gated_residual(o, w_o.reshape(-1, d), c["gate_attn"], x, step=i, block_sizes=residual_blocks)
-        hid = ada_norm_matmul_geglu(x, c["gain_ffw"], w_gating, c["shift_gating"], step=i, block_sizes=norm_blocks)
-        return matmul_gated_residual(hid, w_down, c["gate_ffw"], x, step=i, block_sizes=residual_blocks)
+        mods_attn = tuple(lax.dynamic_index_in_dim(a, i, 0, False)[li] for a in table["attn"])  # each [1, 1, D]
+        mods_ffw = tuple(lax.dynamic_index_in_dim(a, i, 0, False)[li] for a in table["ffw"])
+        if opt.qkv == "pallas":
+            qkv = ada_norm_matmul_rope(x, c["gain_attn"], w_qkv.reshape(d, kh * g2, 2, h // 2), c["shift_qkv"], cos,
+                                       sin, group=g, step=i, block_sizes=opt.qkv_blocks)
+            qkv = qkv[:bt].reshape(b, t, kh, g2, h)
+            q, k, v = qkv[:, :, :, :g].reshape(b, t, kh * g, h), qkv[:, :, :, g], qkv[:, :, :, g + 1]
+        else:
+            hn = gemma.ada_rms_norm(valid(x), *mods_attn[:2]).astype(dtype)
+            q, k, v = gemma.qkv_packed(hn, w_qkv, positions)
+        o = attend(q, ck, cv, k, v)  # [B, T, N, H]
+        x = residual(to_rows(o), w_o.reshape(-1, d), c["gate_attn"], mods_attn, x, i, opt.out_blocks)
+        if opt.mlp_in == "pallas":
+            hid = ada_norm_matmul_geglu(x, c["gain_ffw"], w_gating, c["shift_gating"], step=i,
+                                        block_sizes=opt.mlp_in_blocks)
+        else:
+            hn = gemma.ada_rms_norm(valid(x), *mods_ffw[:2]).astype(dtype)
+            gate, up = jnp.einsum("BTD,CDF->CBTF", hn, w_gating.astype(dtype))
+            hid = to_rows(gelu_tanh(gate) * up)
+        return residual(hid, w_down, c["gate_ffw"], mods_ffw, x, i, opt.down_blocks)
 
     def step(i, actions):
         tokens = promoted_dense(actions, params["action_in_proj"]["kernel"], params["action_in_proj"]["bias"])
-        x = jnp.pad(tokens.astype(dtype).reshape(bt, d).astype(jnp.float32), ((0, rows - bt), (0, 0)))
+        x = to_rows(tokens.astype(dtype).astype(jnp.float32))
         for li, p in enumerate(layers):
-            x = layer(x, i, p, consts["layers"][li], cache_k[li], cache_v[li])
+            x = layer(x, i, li, p, consts["layers"][li], cache_k[li], cache_v[li])
         pick = lambda a: lax.dynamic_index_in_dim(a, i, 0, False)
-        out = gemma.ada_rms_norm(x[:bt].reshape(b, t, d), pick(final_scale), pick(final_shift)).astype(dtype)
+        out = gemma.ada_rms_norm(valid(x), pick(final_scale), pick(final_shift)).astype(dtype)
         v = promoted_dense(out, params["action_out_proj"]["kernel"], params["action_out_proj"]["bias"])
         return actions + dt * v
 

@@ -59,9 +59,10 @@ class FastPathOptions:
     pad_siglip_mlp: bool = True  # SigLIP mlp_dim zero-padded to a multiple of pad_multiple (4304 -> 4352)
     pad_siglip_heads: bool = False  # SigLIP's fused q/k/v head_dim zero-padded (72 -> 128); needs fuse_siglip_qkv
     pad_multiple: int = 128
-    # the expert layer as fused Pallas GEMMs (pi05_jax.denoise_fused: adaRMS folded into the QKV and gate/up GEMMs,
-    # gated residuals into the out/down GEMMs); needs unstacked layers with fused QKV, else denoise_fast runs
-    fused_expert: bool = False
+    # the expert layer with fused Pallas GEMMs (pi05_jax.denoise_fused: adaRMS folded into the QKV and gate/up GEMMs,
+    # gated residuals into the out/down GEMMs; which pieces, and their tiles); needs unstacked layers with fused QKV,
+    # else denoise_fast runs. None: denoise_fast.
+    fused_expert: denoise_fused.FusedExpertOptions | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -124,8 +125,9 @@ def prefill(params, obs, views, *, plan: PrefixPlan | None, options: FastPathOpt
 
 
 def denoise(params, prefix, noise, num_steps, *, options: FastPathOptions):
-    if options.fused_expert and denoise_fused.supported(params):
-        return denoise_fused.denoise(params, prefix, noise, num_steps, suffix_attention=_attentions(options)[1])
+    if options.fused_expert is not None and denoise_fused.supported(params):
+        return denoise_fused.denoise(params, prefix, noise, num_steps, suffix_attention=_attentions(options)[1],
+                                     options=options.fused_expert)
     return denoise_fast.denoise(params, prefix, noise, num_steps, suffix_attention=_attentions(options)[1],
                                 unroll_steps=options.unroll_steps, unroll_layers=options.unroll_layers,
                                 step_unroll=options.step_unroll)
@@ -143,7 +145,7 @@ def make_implementation(name: str, options: FastPathOptions, description: str = 
         if options.unstack_layers:
             params = layer_stack.unstack_layers_cached(params)
             params = weight_packing.pack_weights_cached(params, options.pack_options())
-        if options.fused_expert and denoise_fused.supported(params):
+        if options.fused_expert is not None and denoise_fused.supported(params):
             return denoise_fused.with_constants(params, num_steps), plan
         return denoise_fast.with_constants(params, num_steps), plan
 
@@ -176,7 +178,7 @@ PALLAS = make_implementation(
     "pallas", FastPathOptions(attention="pallas"),
     "as 'compact', with the Pallas ragged prefill and GQA cross-attention kernels (interpret mode on CPU)")
 FUSED = make_implementation(
-    "fused", FastPathOptions(attention="pallas", fused_expert=True),
+    "fused", FastPathOptions(attention="pallas", fused_expert=denoise_fused.FusedExpertOptions()),
     "as 'pallas', with the expert layer as fused Pallas GEMMs (adaRMS norm, RoPE, GeGLU and gated residuals folded "
     "in; pi05_jax.denoise_fused)")
 sampler.register(COMPACT)

@@ -8,8 +8,9 @@ Part 1, per kernel (M = 50 action tokens, the expert's shapes, bf16 weights): 18
 weight buffer (as the model's 18 layers, so weights stream from HBM), us per call = median / 18. XLA's side is the
 unfused ops the fast path runs today (adaRMS norm + QKV einsum + RoPE; norm + gate/up einsum + GeGLU; gated residual
 add after the out / down einsum). Each variant's output is checked against the XLA side (relative error).
-Part 2, the sampler: `pallas` and `fused`, 2 views + 60 prompt tokens, 10 steps, batch 1: median of 20 warm calls,
-and the fused actions' cosine / relative error against `pallas`.
+Part 2, the sampler: `pallas`, `fused` and the HYBRIDS (some pieces of the fused layer as XLA ops), 2 views + 60
+prompt tokens, 10 steps, batch 1: median of 20 warm calls, and each one's actions' cosine / relative error against
+`pallas`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pi05_jax import gemma
 from pi05_jax.denoise_fused import rope_angles
 
 L, M, D, F, KH, G, H = 18, 50, 1024, 4096, 1, 8, 256
+# (qkv, mlp_in, residual) pieces of denoise_fused.FusedExpertOptions timed beside `pallas` and `fused` (all "pallas")
+HYBRIDS = [("xla", "xla", "pallas"), ("xla", "pallas", "pallas"), ("pallas", "xla", "pallas"), ("xla", "xla", "xla")]
 P = KH * (G + 2)
 
 
@@ -151,14 +154,24 @@ def sampler_e2e(preset_name: str):
     from pi05_jax.synthetic import synthetic_noise
 
     noise = synthetic_noise(sel.config, seed=0)
+    from pi05_jax import denoise_fused, fast_path, sampler
+
+    names = ["pallas", "fused"]
+    for qkv, mlp_in, residual in HYBRIDS:
+        opts = denoise_fused.FusedExpertOptions(qkv=qkv, mlp_in=mlp_in, residual=residual)
+        impl = fast_path.make_implementation(f"fused[qkv={qkv},mlp_in={mlp_in},residual={residual}]",
+                                             fast_path.FastPathOptions(attention="pallas", fused_expert=opts))
+        sampler.register(impl)
+        names.append(impl.name)
     out = {}
-    for kernels in ("pallas", "fused"):
+    for kernels in names:
         actions, first, times, compiles = time_sample(params, obs, noise, kernels, steps=10, repeats=20)
         out[kernels] = actions
         say(f"sampler {kernels}: first call {first:.1f} s, median {np.median(times) * 1e3:.2f} ms "
             f"[p10 {times[2] * 1e3:.2f} - p90 {times[17] * 1e3:.2f}], compilations in timed calls: {compiles}")
-    say(f"fused vs pallas actions: cosine {cosine(out['fused'], out['pallas']):.6f}, "
-        f"rel err {rel_err(out['fused'], out['pallas']):.2e}, finite {bool(np.isfinite(out['fused']).all())}")
+    for name in names[1:]:
+        say(f"{name} vs pallas actions: cosine {cosine(out[name], out['pallas']):.6f}, "
+            f"rel err {rel_err(out[name], out['pallas']):.2e}, finite {bool(np.isfinite(out[name]).all())}")
 
 
 def main():
