@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from pi05_jax import gemma, layer_stack, sampler
 from pi05_jax.compact_prefix import CompactPrefix
-from pi05_jax.device_constants import LeafCache
+from pi05_jax.leaf_cache import LeafCache
 from pi05_jax.linear import promoted_dense
 from pi05_jax.weights import weight_einsum
 

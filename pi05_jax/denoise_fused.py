@@ -37,7 +37,7 @@ from pallas_kernels.ada_norm_matmul import AdaNormMatmulBlockSizes, ada_norm_mat
 from pallas_kernels.matmul_gated_residual import GatedResidualBlockSizes, matmul_gated_residual
 from pi05_jax import denoise_fast, gemma, layer_stack, sampler
 from pi05_jax.compact_prefix import CompactPrefix
-from pi05_jax.device_constants import LeafCache
+from pi05_jax.leaf_cache import LeafCache
 from pi05_jax.linear import gelu_tanh, promoted_dense
 
 FUSED_KEY = "fused_expert"  # params[denoise_fast.CONSTANTS_KEY][FUSED_KEY]: `fused_constants`

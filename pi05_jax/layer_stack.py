@@ -16,10 +16,11 @@ Axis legend: L layers.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import jax
+
+from pi05_jax.leaf_cache import LeafCache
 
 LLM_PATH = ("PaliGemma", "llm", "layers")
 IMG_PATH = ("PaliGemma", "img", "Transformer", "encoderblock")
@@ -91,26 +92,18 @@ def unstack_layers(params, *, consume: bool = False) -> dict:
     return params
 
 
-# (ids of the stacked leaves) -> (weak references to them, the two unstacked groups). Weak references so a dropped
-# checkpoint is not kept alive by its unstacked copy, and a reused id() is never mistaken for the same checkpoint.
-_UNSTACKED: dict[tuple, tuple[list, tuple]] = {}
+_UNSTACKED = LeafCache()  # stacked layer groups -> their unstacked copies
 
 
 def unstack_layers_cached(params) -> dict:
-    """`unstack_layers`, converted once per checkpoint (keyed by the identity of the stacked leaves): a repeated
-    call on the same params returns the same per-layer arrays. Already-unstacked params come back unchanged."""
+    """`unstack_layers`, converted once per checkpoint (keyed by the identity of the stacked leaves,
+    pi05_jax.leaf_cache): a repeated call on the same params returns the same per-layer arrays. Already-unstacked
+    params come back as they are."""
     groups = tuple(_get(params, path) for path in (LLM_PATH, IMG_PATH))
     if all(is_unstacked(g) for g in groups):
         return params
-    leaves = jax.tree.leaves(groups)
-    key = tuple(id(x) for x in leaves)
-    hit = _UNSTACKED.get(key)
-    if hit is None or not all(ref() is leaf for ref, leaf in zip(hit[0], leaves, strict=True)):
-        for k in [k for k, (refs, _) in _UNSTACKED.items() if any(r() is None for r in refs)]:
-            del _UNSTACKED[k]  # copies of checkpoints that are gone
-        hit = ([weakref.ref(x) for x in leaves], tuple(unstack(g) for g in groups))
-        _UNSTACKED[key] = hit
-    for path, group in zip((LLM_PATH, IMG_PATH), hit[1], strict=True):
+    unstacked = _UNSTACKED.get(groups, lambda: tuple(unstack(g) for g in groups))
+    for path, group in zip((LLM_PATH, IMG_PATH), unstacked, strict=True):
         params = _replace(params, path, group)
     return params
 

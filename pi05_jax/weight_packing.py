@@ -27,13 +27,13 @@ Axis legend: D width, N q heads, K kv heads, G group (N // K), H head dim, F mlp
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pi05_jax import layer_stack
+from pi05_jax.leaf_cache import LeafCache
 
 GEMMA_STREAMS = ("", "_1")  # the prefix stream's keys, the expert's keys
 
@@ -175,26 +175,21 @@ def pack_weights(params, options: PackOptions = PackOptions()) -> dict:
     return params
 
 
-# (options, ids of the unstacked layer leaves) -> (weak references to them, the two packed groups); as
-# layer_stack.unstack_layers_cached, so a dropped checkpoint frees its packed copy.
-_PACKED: dict[tuple, tuple[list, tuple]] = {}
+_PACKED = LeafCache()  # (options, unstacked layer groups) -> the two packed groups
 
 
 def pack_weights_cached(params, options: PackOptions = PackOptions()) -> dict:
-    """`pack_weights`, once per (checkpoint, options): a repeated call returns the same packed arrays."""
+    """`pack_weights`, once per (checkpoint, options) (pi05_jax.leaf_cache): a repeated call returns the same packed
+    arrays."""
     if not options.any:
         return params
-    groups = tuple(layer_stack._get(params, path) for path in (layer_stack.LLM_PATH, layer_stack.IMG_PATH))
-    leaves = jax.tree.leaves(groups)
-    key = (options, *(id(x) for x in leaves))
-    hit = _PACKED.get(key)
-    if hit is None or not all(ref() is leaf for ref, leaf in zip(hit[0], leaves, strict=True)):
-        for k in [k for k, (refs, _) in _PACKED.items() if any(r() is None for r in refs)]:
-            del _PACKED[k]
+    paths = (layer_stack.LLM_PATH, layer_stack.IMG_PATH)
+    groups = tuple(layer_stack._get(params, path) for path in paths)
+
+    def pack():
         packed = pack_weights(params, options)
-        hit = ([weakref.ref(x) for x in leaves],
-               tuple(layer_stack._get(packed, path) for path in (layer_stack.LLM_PATH, layer_stack.IMG_PATH)))
-        _PACKED[key] = hit
-    for path, group in zip((layer_stack.LLM_PATH, layer_stack.IMG_PATH), hit[1], strict=True):
+        return tuple(layer_stack._get(packed, path) for path in paths)
+
+    for path, group in zip(paths, _PACKED.get(groups, pack, tag=options), strict=True):
         params = layer_stack._replace(params, path, group)
     return params
