@@ -38,11 +38,17 @@ from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_s
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
 
 ATTENTIONS = ("xla", "pallas")
+VISION_ATTENTIONS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
 class FastPathOptions:
     attention: str = "xla"  # "xla": plain-JAX masked attention; "pallas": the Pallas kernels
+    # SigLIP's self-attention: "xla" (upstream's einsum + softmax) or "pallas" (ragged_prefill_attention with one KV
+    # head per query head and every length full; needs fuse_siglip_qkv and pad_siglip_heads: head_dim 72 -> 128)
+    vision_attention: str = "xla"
+    # query rows per program of the Pallas prefill attention (ragged_prefill_attention.BlockSizes.block_rows)
+    prefill_block_rows: int = 64
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (see compact_prefix.DEFAULT_BUCKET_SIZE)
     # Euler steps as straight-line code (True) or a lax.fori_loop (False); None: a fori_loop on unstacked layers (its
     # weights are loop invariants; 18 layer bodies to compile, not 180), unrolled on stacked ones (the old default).
@@ -67,6 +73,11 @@ class FastPathOptions:
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.vision_attention not in VISION_ATTENTIONS:
+            raise ValueError(f"vision_attention must be one of {VISION_ATTENTIONS}, got {self.vision_attention!r}")
+        if self.vision_attention == "pallas" and not (self.fuse_siglip_qkv and self.pad_siglip_heads):
+            raise ValueError("vision_attention='pallas' needs fuse_siglip_qkv=True and pad_siglip_heads=True (the "
+                             "Triton kernel needs a power-of-2 head dim: SigLIP's 72 is padded to 128)")
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
         self.pack_options()  # validates the packing fields
@@ -80,10 +91,18 @@ class FastPathOptions:
 # --- attention callables ------------------------------------------------------------------------------------------
 
 
-def pallas_prefill_attention(lengths):
+def pallas_prefill_attention(lengths, block_rows: int = 64):
+    from pallas_kernels.ragged_prefill_attention import BlockSizes, ragged_prefill_attention
+
+    blocks = dataclasses.replace(BlockSizes(), block_rows=block_rows)
+    return lambda q, k, v: ragged_prefill_attention(q, k, v, lengths, block_sizes=blocks)
+
+
+def pallas_vision_attention(q, k, v):
+    """SigLIP's full self-attention (every patch valid) through the ragged prefill kernel: N KV heads, group 1."""
     from pallas_kernels.ragged_prefill_attention import ragged_prefill_attention
 
-    return lambda q, k, v: ragged_prefill_attention(q, k, v, lengths)
+    return ragged_prefill_attention(q, k, v, jnp.full((q.shape[0],), q.shape[1], jnp.int32))
 
 
 def pallas_suffix_attention(lengths):
@@ -94,7 +113,8 @@ def pallas_suffix_attention(lengths):
 
 def _attentions(options: FastPathOptions):
     if options.attention == "pallas":
-        return pallas_prefill_attention, pallas_suffix_attention
+        return functools.partial(pallas_prefill_attention, block_rows=options.prefill_block_rows), \
+            pallas_suffix_attention
     return compact_prefix.xla_prefill_attention, denoise_fast.xla_suffix_attention
 
 
@@ -105,8 +125,11 @@ def vision(params, obs, *, plan: PrefixPlan | None, options: FastPathOptions):
     plan = plan or compact_prefix.full_plan(params, obs)
     encode = None
     if options.fuse_siglip_qkv or options.pad_siglip_mlp:  # the layers may hold packed weights
+        attention_fn = pallas_vision_attention if options.vision_attention == "pallas" else None
+
         def encode(images, dtype):
-            return siglip.encode_images_packed(params["PaliGemma"]["img"], images, dtype=dtype)
+            return siglip.encode_images_packed(params["PaliGemma"]["img"], images, dtype=dtype,
+                                               attention_fn=attention_fn)
     return compact_prefix.encode_valid_views(params, obs, plan.num_views, sampler.params_dtype(params), encode=encode)
 
 

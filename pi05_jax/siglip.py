@@ -49,7 +49,8 @@ def _out_proj_and_mlp(x, o, lp, dtype):
 
 
 def encoder_block(x, lp, dtype, attention_fn=None):
-    """One pre-LN transformer block; `lp` is one layer's slice of `Transformer/encoderblock`."""
+    """One pre-LN transformer block; `lp` is one layer's slice of `Transformer/encoderblock`. `attention_fn(q, k, v)`
+    (q pre-scaled by 1/sqrt(H)) replaces upstream's `attention` when given."""
     y = layer_norm(x, lp["LayerNorm_0"]["scale"], lp["LayerNorm_0"]["bias"], dtype)
     mha = lp["MultiHeadDotProductAttention_0"]
 
@@ -57,14 +58,16 @@ def encoder_block(x, lp, dtype, attention_fn=None):
         return weight_einsum("BPD,DNH->BPNH", y, mha[name]["kernel"]) + mha[name]["bias"].astype(dtype)
 
     q, k, v = proj("query"), proj("key"), proj("value")
-    if attention_fn is None:
-        q = q / jnp.sqrt(q.shape[-1]).astype(dtype)
-        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        o = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
-    else:
-        o = attention_fn(q, k, v)
+    q = q / jnp.sqrt(q.shape[-1]).astype(dtype)
+    o = attention(q, k, v, dtype) if attention_fn is None else attention_fn(q, k, v)
     return _out_proj_and_mlp(x, o, lp, dtype)
+
+
+def attention(q, k, v, dtype):
+    """Upstream's SigLIP attention on pre-scaled q: einsum logits, softmax, einsum. q/k/v [B,P,N,H] -> [B,P,N,H]."""
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
 
 
 def encode_images(img_params, images, *, dtype):
@@ -84,9 +87,10 @@ def encode_images(img_params, images, *, dtype):
 # --- packed weights (pi05_jax.weight_packing; the fast path only) --------------------------------------------------
 
 
-def _attention_packed(y, mha, dtype):
+def _attention_packed(y, mha, dtype, attention_fn=None):
     """Self-attention from a fused q/k/v weight `qkv` (kernel [D,3,N,Hp], bias [3,N,Hp]; Hp >= H when the heads
-    are zero-padded): one GEMM; q scaled by 1/sqrt(H) of the original heads, padded v columns sliced away."""
+    are zero-padded): one GEMM; q scaled by 1/sqrt(H) of the original heads, padded v columns sliced away.
+    `attention_fn(q, k, v) -> o` (each [B,P,N,Hp], q pre-scaled) replaces the einsum + softmax when given."""
     out_kernel = mha["out"]["kernel"]
     qkv = mha["qkv"]
     hp = qkv["kernel"].shape[-1]
@@ -94,32 +98,31 @@ def _attention_packed(y, mha, dtype):
     y = weight_einsum("BPD,DCNH->BPCNH", y, qkv["kernel"]) + qkv["bias"].astype(dtype)
     q, k, v = y[:, :, 0], y[:, :, 1], y[:, :, 2]
     q = q / jnp.sqrt(h).astype(dtype)
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    o = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    o = attention(q, k, v, dtype) if attention_fn is None else attention_fn(q, k, v)
     return o[..., :h] if hp != h else o
 
 
-def encoder_block_packed(x, lp, dtype):
+def encoder_block_packed(x, lp, dtype, attention_fn=None):
     """`encoder_block` on a layer that may hold the fused `qkv` attention weight (else it is `encoder_block`).
     A zero-padded MLP needs no code of its own: the padded units contribute exactly 0."""
     mha = lp["MultiHeadDotProductAttention_0"]
     if "qkv" not in mha:
-        return encoder_block(x, lp, dtype)
+        return encoder_block(x, lp, dtype, attention_fn)
     y = layer_norm(x, lp["LayerNorm_0"]["scale"], lp["LayerNorm_0"]["bias"], dtype)
-    o = _attention_packed(y, mha, dtype)
+    o = _attention_packed(y, mha, dtype, attention_fn)
     return _out_proj_and_mlp(x, o, lp, dtype)
 
 
-def encode_images_packed(img_params, images, *, dtype):
+def encode_images_packed(img_params, images, *, dtype, attention_fn=None):
     """`encode_images` on unstacked encoder blocks (pi05_jax.layer_stack) that may hold packed weights
-    (pi05_jax.weight_packing); stacked blocks run `encode_images` itself."""
+    (pi05_jax.weight_packing); stacked blocks run `encode_images` itself. `attention_fn(q, k, v)` as in
+    `_attention_packed` (None: upstream's einsum + softmax)."""
     tr = img_params["Transformer"]
     blocks = tr["encoderblock"]
     if not isinstance(blocks, tuple):
         return encode_images(img_params, images, dtype=dtype)
     x = patch_embed(img_params, images).astype(dtype)
     for lp in blocks:
-        x = encoder_block_packed(x, lp, dtype)
+        x = encoder_block_packed(x, lp, dtype, attention_fn)
     x = layer_norm(x, tr["encoder_norm"]["scale"], tr["encoder_norm"]["bias"], dtype)
     return dense(x, img_params["head"]["kernel"], img_params["head"]["bias"], dtype)

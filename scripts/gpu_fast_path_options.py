@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Fast-path options side by side on the GPU: each VARIANTS entry is a FastPathOptions registered as its own
+implementation and timed through `sampler.sample_actions` in one process (full size, random bf16 weights,
+2 views + 60 prompt tokens, 10 steps, batch 1): first call (compile + run), median of 20 warm calls with p10 / p90,
+compilations during the timed calls, and the actions' cosine / relative error against the first variant.
+
+    python scripts/gpu_fast_path_options.py [--preset full] [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import numpy as np
+from gpu_common import cosine, rel_err, say, time_sample
+
+from pi05_jax import fast_path, sampler
+
+VARIANTS = {
+    "pallas (default)": fast_path.FastPathOptions(attention="pallas"),
+    "SigLIP heads padded 72->128": fast_path.FastPathOptions(attention="pallas", pad_siglip_heads=True),
+    "+ SigLIP attention in Pallas": fast_path.FastPathOptions(attention="pallas", pad_siglip_heads=True,
+                                                              vision_attention="pallas"),
+    "prefill attention 32-row blocks": fast_path.FastPathOptions(attention="pallas", prefill_block_rows=32),
+    "SigLIP Pallas + prefill 32-row": fast_path.FastPathOptions(attention="pallas", pad_siglip_heads=True,
+                                                                vision_attention="pallas", prefill_block_rows=32),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="full")
+    ap.add_argument("--runs", type=int, default=20)
+    args = ap.parse_args()
+    from pi05_jax.bench.selection import Selection, build
+    from pi05_jax.commands.common import Progress
+    from pi05_jax.config import preset
+    from pi05_jax.synthetic import synthetic_noise
+
+    say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    sel = Selection(config=preset(args.preset), source=f"preset:{args.preset}", checkpoint=None, preset=args.preset,
+                    views=2, prompt_len=60, steps=10, batch=1, dtype="bfloat16", kernels=("pallas",), runs=1,
+                    device="auto", platform=jax.default_backend(), seed=0)
+    built = build(sel, Progress())
+    noise = synthetic_noise(sel.config, seed=0)
+    first_actions = None
+    for i, (label, options) in enumerate(VARIANTS.items()):
+        impl = fast_path.make_implementation(f"variant{i}", options)
+        sampler.register(impl)
+        actions, first, times, compiles = time_sample(built.params, built.obs, noise, impl.name, steps=10,
+                                                      repeats=args.runs)
+        p10, p90 = (times[min(len(times) - 1, int(f * len(times)))] * 1e3 for f in (0.1, 0.9))
+        line = (f"{label:34s} first {first:5.1f} s  median {np.median(times) * 1e3:6.2f} ms [p10 {p10:.2f} - "
+                f"p90 {p90:.2f}]  compiles {compiles}")
+        if first_actions is None:
+            first_actions = actions
+        else:
+            line += f"  vs first: cos {cosine(actions, first_actions):.6f} rel {rel_err(actions, first_actions):.1e}"
+        say(line)
+
+
+if __name__ == "__main__":
+    main()
