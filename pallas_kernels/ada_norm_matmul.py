@@ -112,7 +112,8 @@ def _pow2_at_least(v: int, lo: int) -> int:
 def per_step_tables(step, *tables):
     """(step index as int32 [1], tables with a leading steps axis). `step=None`: the tables hold one step (no
     leading axis); one is added and the index is 0. Else `step` is an int32 scalar (traced or not) and the tables
-    carry the steps axis first: the kernel reads row `step` itself, so a loop over steps slices nothing in XLA."""
+    carry the steps axis first: the kernel reads row `step` itself, so a loop over steps slices nothing in XLA.
+    A concrete step must lie in [0, steps); a traced one is the caller's responsibility (the fori_loop's index)."""
     if step is None:
         return jnp.zeros((1,), jnp.int32), [t[None] for t in tables]
     if jnp.ndim(step) != 0:
@@ -120,6 +121,9 @@ def per_step_tables(step, *tables):
     steps = {t.shape[0] for t in tables}
     if len(steps) != 1:
         raise ValueError(f"per-step tables disagree on the number of steps: {[t.shape for t in tables]}")
+    if not isinstance(step, jax.core.Tracer) and not 0 <= int(step) < steps.pop():
+        raise ValueError(f"step={int(step)} is outside the tables' {tables[0].shape[0]} steps")
+    # (a traced step cannot be checked here: the kernels read row `step` unchecked, as lax.dynamic_index would not)
     return jnp.reshape(step, (1,)).astype(jnp.int32), list(tables)
 
 

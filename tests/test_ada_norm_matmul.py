@@ -285,3 +285,15 @@ def test_bad_block_sizes_raise_clear_errors():
     (x, gain, w, shift_w), _ = geglu_operands(10, 16, 32, 48, jnp.float32)
     with pytest.raises(ValueError, match="multiple of block_n"):
         ada_norm_matmul_geglu(x, gain, w, shift_w, block_sizes=AdaNormMatmulBlockSizes(block_n=32), interpret=True)
+
+
+def test_concrete_step_outside_the_tables_is_rejected():
+    rng = np.random.default_rng(3)
+    k, f = 32, 64
+    x = jnp.asarray(rng.standard_normal((16, k)), jnp.float32)
+    gain = jnp.ones((3, k), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, k, f)), jnp.float32)
+    shift_w = jnp.zeros((3, 2, f), jnp.float32)
+    for step in (3, -1):
+        with pytest.raises(ValueError, match="step"):
+            ada_norm_matmul_geglu(x, gain, w, shift_w, step=step, interpret=True)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pi05_jax import compact_prefix, compile_cache, denoise_fast, fast_path, gemma, sampler
+from pi05_jax import compact_prefix, compile_cache, denoise_fast, denoise_fused, fast_path, gemma, sampler
 from pi05_jax.observation import observation_from_arrays
 from pi05_jax.runtime import Model
 from tests.conftest import MODEL_CASES, case_inputs, cosine, rel_err
@@ -178,6 +178,33 @@ def test_bad_options_are_rejected():
         fast_path.FastPathOptions(attention="cuda")
     with pytest.raises(ValueError, match="bucket_size"):
         fast_path.FastPathOptions(bucket_size=0)
+    with pytest.raises(ValueError, match="vision_attention"):
+        fast_path.FastPathOptions(vision_attention="cuda")
+    with pytest.raises(ValueError, match="pad_siglip_heads"):
+        fast_path.FastPathOptions(vision_attention="pallas")  # head_dim 72 is not a power of 2
+    with pytest.raises(ValueError, match="qkv"):
+        denoise_fused.FusedExpertOptions(qkv="cuda")
+
+
+# Non-default options of the fast path, each against the reference (float32, the mixed-rows case): the fused expert
+# with some pieces as XLA ops, SigLIP attention through the Pallas kernel, another prefill attention tile.
+OPTION_VARIANTS = {
+    "fused-xla-xla-pallas": fast_path.FastPathOptions(
+        attention="pallas", fused_expert=denoise_fused.FusedExpertOptions(qkv="xla", mlp_in="xla", residual="pallas")),
+    "fused-pallas-xla-xla": fast_path.FastPathOptions(
+        attention="pallas", fused_expert=denoise_fused.FusedExpertOptions(qkv="pallas", mlp_in="xla", residual="xla")),
+    "siglip-pallas": fast_path.FastPathOptions(attention="pallas", vision_attention="pallas", pad_siglip_heads=True),
+    "prefill-rows-32": fast_path.FastPathOptions(attention="pallas", prefill_block_rows=32),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTION_VARIANTS))
+def test_option_variants_match_reference(tiny_fp32, model_cases, reference_fp32_actions, name):
+    impl = fast_path.make_implementation(f"test-{name}", OPTION_VARIANTS[name])
+    sampler.register(impl)
+    ins, obs = _case(tiny_fp32, model_cases, "batch2_mixed")
+    actions = _sample(tiny_fp32, obs, ins["noise"], int(ins["num_steps"]), impl.name)
+    assert rel_err(actions, reference_fp32_actions["batch2_mixed"]) <= FP32_REL_TOL
 
 
 # --- the compile cache ----------------------------------------------------------------------------------------------
@@ -272,3 +299,21 @@ def test_pallas_path_compiles_once_in_a_fresh_process(reference_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     counts = json.loads(out.stdout.split("COUNTS", 1)[1].strip())
     assert counts[0] > 0 and counts[1:] == [0, 0], counts
+
+
+def test_fused_denoise_without_cached_constants_computes_them_in_the_jit(tiny_fp32, model_cases):
+    """denoise_fused.denoise on prepared params without the per-checkpoint tables (computed inside the jit instead)
+    gives the same actions as with them; and the tables are cached per checkpoint and num_steps."""
+    ins, obs = _case(tiny_fp32, model_cases, "three_steps")
+    steps = int(ins["num_steps"])
+    impl = sampler.IMPLEMENTATIONS["fused"]
+    prepared, plan = impl.prepare(tiny_fp32.params, obs, steps)
+    assert denoise_fused.fused_constants(prepared, steps) is denoise_fused.fused_constants(prepared, steps)
+    spec = impl.specialize(plan)
+    prefix = jax.jit(lambda p, o: spec.prefill(p, o, spec.vision(p, o)))(prepared, obs)
+    bare = {k: v for k, v in prepared.items() if k != denoise_fast.CONSTANTS_KEY}
+
+    def run(p):
+        return jax.jit(lambda p, pre, n: spec.denoise(p, pre, n, steps))(p, prefix, jnp.asarray(ins["noise"]))
+
+    assert rel_err(run(bare), run(prepared)) <= FP32_REL_TOL

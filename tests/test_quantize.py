@@ -251,6 +251,32 @@ def test_weight_einsum_backends(eqn, x_shape, w_shape, contract):
     np.testing.assert_allclose(np.asarray(stacked.dequantize()), w, rtol=2.0**-3, atol=np.abs(w).max() * 2.0**-9)
 
 
+@pytest.mark.parametrize("eqn,x_shape,w_shape,contract", EQUATIONS, ids=[e[0] for e in EQUATIONS])
+def test_weight_only_einsum(eqn, x_shape, w_shape, contract):
+    """activations="none": x unquantized against the e4m3 weight times its channel scales (independent numpy)."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal(w_shape) / 8).astype(np.float32)
+    layer = Fp8Weight.quantize(w, contract, name="w")
+    sw = np.max(np.abs(w), axis=tuple(contract), keepdims=True) / np.float32(448)
+    wq = np.clip(w / sw, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * sw
+    want = np.einsum(eqn, x.astype(np.float64), wq)
+    for backend in ("emulate", "xla"):
+        with options(backend=backend, activations="none"):
+            got = np.asarray(layer.einsum(eqn, jnp.asarray(x)), np.float64)
+        err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+        assert err <= 1e-5, f"{backend}: relative max error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_fp8_weight_only_actions_match_fp32_reference(fp8_model, model_cases, case):
+    """The same checkpoint with weight-only FP8 (activations unquantized) passes the FP8 gates."""
+    model = Model(config=fp8_model.config, params=with_options(fp8_model.params, activations="none"),
+                  kernels=fp8_model.kernels)
+    actions, ref = _run_case(model, model_cases, case)
+    _gates(actions, ref, FP8_GATE)
+
+
 def test_with_options_changes_the_compiled_choice(fp8_model):
     pallas = with_options(fp8_model.params, backend="pallas_triton")
     assert jax.tree.structure(pallas) != jax.tree.structure(fp8_model.params)
