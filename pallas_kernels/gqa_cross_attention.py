@@ -38,6 +38,8 @@ from pallas_kernels.ragged_prefill_attention import (
     tile_for,
 )
 
+COMBINES = ("xla", "pallas")
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -56,9 +58,15 @@ class BlockSizes:
     num_warps: int = 8  # at head_dim 256, 4 warps spill the [64, 256] fp32 accumulator (ptxas, sm_90a)
     num_stages: int = 2
     single_pass: bool = False
+    # how the split partials are merged: "pallas" (`_combine_kernel`: one kernel writing the output in q's dtype) or
+    # "xla" (`combine_splits` in plain JAX; XLA makes it ~3 elementwise/reduction kernels)
+    combine: str = "xla"
+    combine_rows: int = 16  # query rows per program of the Pallas combine
 
     def __post_init__(self):
-        for name in ("block_rows", "block_k"):
+        if self.combine not in COMBINES:
+            raise ValueError(f"BlockSizes.combine must be one of {COMBINES}; got {self.combine=}")
+        for name in ("block_rows", "block_k", "combine_rows"):
             value = getattr(self, name)
             if not (_is_power_of_2(value) and value >= MIN_TILE):
                 raise ValueError(f"BlockSizes.{name} must be a power of 2 >= {MIN_TILE}; got {value=}")
@@ -232,8 +240,50 @@ def _gqa_cross(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self, *, block_s
         name="gqa_cross_attention",
     )(prefix_lengths, qr, k_prefix, v_prefix, k_self, v_self)
 
-    out = combine_splits(acc, row_max, row_sum)[:, :, :rows]  # [B,K,R,H] float32
+    if block_sizes.combine == "pallas":
+        out = _combine_call(acc, row_max, row_sum, q.dtype, block_sizes.combine_rows, interpret)[:, :, :rows]
+    else:
+        out = combine_splits(acc, row_max, row_sum)[:, :, :rows]  # [B,K,R,H] float32
     return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def _combine_kernel(acc_ref, max_ref, sum_ref, o_ref, *, splits, block):
+    """`combine_splits` for one block of rows: the J partials merged with their softmax weights, in one pass."""
+    rows_total = o_ref.shape[0]
+    row_start = jnp.minimum(pl.program_id(2) * block, rows_total - block)  # the last block ends at the edge
+    rows = pl.ds(row_start, block)
+    maxes = [max_ref[j, rows] for j in range(splits)]
+    top = maxes[0]
+    for m in maxes[1:]:
+        top = jnp.maximum(top, m)
+    total = jnp.zeros_like(top)
+    out = jnp.zeros((block, o_ref.shape[1]), jnp.float32)
+    for j in range(splits):
+        weight = jnp.exp(maxes[j] - top)
+        total += weight * sum_ref[j, rows]
+        out += weight[:, None] * acc_ref[j, rows, :]
+    o_ref[rows, :] = (out / total[:, None]).astype(o_ref.dtype)
+
+
+def _combine_call(acc, row_max, row_sum, dtype, combine_rows, interpret):
+    """acc [B,K,J,R,H], row_max / row_sum [B,K,J,R] float32 -> [B,K,R,H] in `dtype` (`combine_splits`, one kernel)."""
+    b, kh, splits, rows, h = acc.shape
+    block = tile_for(rows, combine_rows)
+    kernel = functools.partial(_combine_kernel, splits=splits, block=block)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, kh, rows, h), dtype),
+        grid=(b, kh, pl.cdiv(rows, block)),
+        in_specs=[
+            pl.BlockSpec((None, None, splits, rows, h), lambda bi, ki, ri: (bi, ki, 0, 0, 0)),
+            pl.BlockSpec((None, None, splits, rows), lambda bi, ki, ri: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, None, splits, rows), lambda bi, ki, ri: (bi, ki, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, rows, h), lambda bi, ki, ri: (bi, ki, 0, 0)),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="gqa_cross_attention_combine",
+    )(acc, row_max, row_sum)
 
 
 def _single_pass_call(

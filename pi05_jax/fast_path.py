@@ -49,6 +49,8 @@ class FastPathOptions:
     vision_attention: str = "xla"
     # query rows per program of the Pallas prefill attention (ragged_prefill_attention.BlockSizes.block_rows)
     prefill_block_rows: int = 64
+    # how the Pallas cross-attention merges its flash-decoding splits (gqa_cross_attention.BlockSizes.combine)
+    cross_attention_combine: str = "xla"
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (see compact_prefix.DEFAULT_BUCKET_SIZE)
     # Euler steps as straight-line code (True) or a lax.fori_loop (False); None: a fori_loop on unstacked layers (its
     # weights are loop invariants; 18 layer bodies to compile, not 180), unrolled on stacked ones (the old default).
@@ -105,16 +107,17 @@ def pallas_vision_attention(q, k, v):
     return ragged_prefill_attention(q, k, v, jnp.full((q.shape[0],), q.shape[1], jnp.int32))
 
 
-def pallas_suffix_attention(lengths):
-    from pallas_kernels.gqa_cross_attention import gqa_cross_attention
+def pallas_suffix_attention(lengths, combine: str = "xla"):
+    from pallas_kernels.gqa_cross_attention import BlockSizes, gqa_cross_attention
 
-    return lambda q, ck, cv, k, v: gqa_cross_attention(q, ck, cv, lengths, k, v)
+    blocks = BlockSizes(combine=combine)
+    return lambda q, ck, cv, k, v: gqa_cross_attention(q, ck, cv, lengths, k, v, block_sizes=blocks)
 
 
 def _attentions(options: FastPathOptions):
     if options.attention == "pallas":
-        return functools.partial(pallas_prefill_attention, block_rows=options.prefill_block_rows), \
-            pallas_suffix_attention
+        return (functools.partial(pallas_prefill_attention, block_rows=options.prefill_block_rows),
+                functools.partial(pallas_suffix_attention, combine=options.cross_attention_combine))
     return compact_prefix.xla_prefill_attention, denoise_fast.xla_suffix_attention
 
 

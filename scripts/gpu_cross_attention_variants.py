@@ -1,11 +1,11 @@
-"""GPU check and timing of the denoise GQA cross-attention: tiles of the split (flash-decoding) kernel, and a
-single-pass control.
+"""GPU check and timing of the denoise GQA cross-attention: the split (flash-decoding) kernel with the XLA or the
+Pallas combine of its partials, and other tiles.
 
 Run on the GPU machine from the repo root:  python scripts/gpu_cross_attention_variants.py   (about 1-2 minutes)
 
 Real shapes, bfloat16, batch 1: q [1,50,8,256] over a prefix [1,S,1,256] with valid length L plus the 50 tokens'
 own K/V, for (S, L) = (576, 572) (the compacted prefix the sampler uses) and (968, 968).
-For each variant (the XLA reference, the current default BlockSizes(), other split tiles, one single-pass):
+For each variant (the XLA reference, the current default BlockSizes(), the Pallas combine, other tiles):
   - correctness: one call against gqa_cross_attention_reference, relative error max|out-ref| / max|ref| (<= 2e-2);
   - timing: one jitted executable chains 18 calls (as the 18 layers of a denoise step: each call its own K/V buffers,
     each call's output is the next call's q, so nothing overlaps or is elided); median of 20 runs after warm-up,
@@ -45,16 +45,10 @@ REFERENCE = "xla_reference"
 VARIANTS: dict[str, BlockSizes | None] = {
     REFERENCE: None,
     "split_default": BlockSizes(),
-    # split (flash-decoding) tiles: rows per program, keys per step, prefix keys per split, warps, stages
-    "r32_k64_s128_w4": BlockSizes(block_rows=32, block_k=64, split_k=128, num_warps=4),
-    "r64_k64_s256_w8": BlockSizes(block_rows=64, block_k=64, split_k=256, num_warps=8),
-    "r64_k64_s64_w8": BlockSizes(block_rows=64, block_k=64, split_k=64, num_warps=8),
-    "r128_k64_s128_w8": BlockSizes(block_rows=128, block_k=64, split_k=128, num_warps=8),
-    "r64_k32_s128_w8": BlockSizes(block_rows=64, block_k=32, split_k=128, num_warps=8),
-    "r64_k64_s128_w8_st3": BlockSizes(block_rows=64, block_k=64, split_k=128, num_warps=8, num_stages=3),
-    "r32_k64_s64_w4": BlockSizes(block_rows=32, block_k=64, split_k=64, num_warps=4),
-    # the single-pass schedule lost in every tile tried (docs/PERF.md); one kept as the control
-    "sp_r32_k64_w4_s3": BlockSizes(block_rows=32, block_k=64, num_warps=4, num_stages=3, single_pass=True),
+    "split + Pallas combine": BlockSizes(combine="pallas"),
+    "split + Pallas combine r32": BlockSizes(combine="pallas", combine_rows=32),
+    "r32_k64_s128_w4 + Pallas combine": BlockSizes(block_rows=32, block_k=64, split_k=128, num_warps=4,
+                                                   combine="pallas"),
 }
 
 

@@ -24,12 +24,11 @@ from pi05_jax import fast_path, sampler
 
 VARIANTS = {
     "pallas (default)": fast_path.FastPathOptions(attention="pallas"),
+    "cross-attention Pallas combine": fast_path.FastPathOptions(attention="pallas", cross_attention_combine="pallas"),
     "SigLIP heads padded 72->128": fast_path.FastPathOptions(attention="pallas", pad_siglip_heads=True),
-    "+ SigLIP attention in Pallas": fast_path.FastPathOptions(attention="pallas", pad_siglip_heads=True,
-                                                              vision_attention="pallas"),
-    "prefill attention 32-row blocks": fast_path.FastPathOptions(attention="pallas", prefill_block_rows=32),
-    "SigLIP Pallas + prefill 32-row": fast_path.FastPathOptions(attention="pallas", pad_siglip_heads=True,
-                                                                vision_attention="pallas", prefill_block_rows=32),
+    "padded heads + Pallas combine": fast_path.FastPathOptions(attention="pallas", pad_siglip_heads=True,
+                                                               cross_attention_combine="pallas"),
+    "pallas (default), again": fast_path.FastPathOptions(attention="pallas", bucket_size=64),
 }
 
 

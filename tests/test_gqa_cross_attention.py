@@ -96,6 +96,33 @@ def test_block_sizes_and_splits(block_sizes):
     check_against_reference(TINY, [968, 300], jnp.bfloat16, block_sizes=block_sizes, seed=3)
 
 
+COMBINE = BlockSizes(combine="pallas")  # the split partials merged by the Pallas combine kernel
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("slots,lengths", [(576, [572, 77]), (968, [1, 968])], ids=["S576", "S968"])
+def test_pallas_combine_real_shape(slots, lengths, dtype):
+    check_against_reference({**REAL, "slots": slots}, lengths, dtype, block_sizes=COMBINE)
+
+
+@pytest.mark.parametrize(
+    "block_sizes",
+    [COMBINE, BlockSizes(combine="pallas", combine_rows=64), BlockSizes(block_rows=16, block_k=16, split_k=48,
+                                                                        combine="pallas", combine_rows=32)],
+    ids=["rows16", "rows64", "small_tiles_rows32"])
+@pytest.mark.parametrize("lengths", [[1, 968], [0, 129]], ids=str)
+def test_pallas_combine_tiny_config(lengths, block_sizes):
+    """Rows that saw no prefix key (length 0) and the last, overlapping row block of the combine."""
+    check_against_reference(TINY, lengths, jnp.bfloat16, block_sizes=block_sizes, tokens=11)
+
+
+def test_bad_combine_is_rejected():
+    with pytest.raises(ValueError, match="combine"):
+        BlockSizes(combine="cuda")
+    with pytest.raises(ValueError, match="combine_rows"):
+        BlockSizes(combine_rows=24)
+
+
 @pytest.mark.parametrize(
     "shape,tokens",
     [

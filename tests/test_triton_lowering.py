@@ -18,7 +18,7 @@ import pytest
 from pallas_kernels.ada_norm_matmul import ada_norm_matmul_geglu, ada_norm_matmul_rope
 from pallas_kernels.fp4_matmul import fp4_matmul
 from pallas_kernels.fp8_matmul import fp8_matmul
-from pallas_kernels.gqa_cross_attention import gqa_cross_attention
+from pallas_kernels.gqa_cross_attention import BlockSizes, gqa_cross_attention
 from pallas_kernels.matmul_gated_residual import matmul_gated_residual
 from pallas_kernels.ragged_prefill_attention import ragged_prefill_attention
 
@@ -36,6 +36,11 @@ CASES = {
         (S((2, 256, 16, 128), BF16), S((2, 256, 16, 128), BF16), S((2, 256, 16, 128), BF16), S((2,), I32))),
     "gqa_cross_attention": (
         lambda q, kp, vp, n, ks, vs: gqa_cross_attention(q, kp, vp, n, ks, vs, interpret=False),
+        (S((1, 50, 8, 256), BF16), S((1, 576, 1, 256), BF16), S((1, 576, 1, 256), BF16), S((1,), I32),
+         S((1, 50, 1, 256), BF16), S((1, 50, 1, 256), BF16))),
+    "gqa_cross_attention with the Pallas combine": (
+        lambda q, kp, vp, n, ks, vs: gqa_cross_attention(q, kp, vp, n, ks, vs, interpret=False,
+                                                         block_sizes=BlockSizes(combine="pallas")),
         (S((1, 50, 8, 256), BF16), S((1, 576, 1, 256), BF16), S((1, 576, 1, 256), BF16), S((1,), I32),
          S((1, 50, 1, 256), BF16), S((1, 50, 1, 256), BF16))),
     "ada_norm_matmul_rope": (
