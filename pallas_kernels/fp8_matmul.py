@@ -59,6 +59,12 @@ class Fp8MatmulBlockSizes:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+# Hopper's FP8 wgmma accumulates in reduced precision (about 14 mantissa bits, not float32; DeepSeek-V3 technical
+# report, section 3.3.2). Measured on the H200 (docs/PERF.md): one accumulator over K = 16384 (the prefix LLM's MLP
+# down projection) gives 1.25e-2 max relative error against float32, over the 8e-3 the tests allow. The kernels add
+# their K-split partials in float32, so the default tiles split K until one accumulator sums at most this many.
+MAX_K_PER_ACCUMULATOR = 4096
+
 # (m_bucket, n, k) -> block sizes measured best on the H100 by scripts/gpu_fp8.py; m_bucket = M padded to 64.
 # Empty until the measurement fills it; `default_block_sizes` is the fallback.
 TUNED: dict[tuple[int, int, int], Fp8MatmulBlockSizes] = {}
@@ -70,7 +76,8 @@ def _largest_divisor(n: int, candidates) -> int | None:
 
 def default_block_sizes(m: int, n: int, k: int, *, num_sms: int = 132) -> Fp8MatmulBlockSizes:
     """Tiles for an [M, K] x [N, K]^T problem: 64-row tiles for small M (denoise, vision per view), 128 above;
-    narrower N tiles and a K split when the output tiles alone would leave most SMs idle (memory-bound M = 50)."""
+    narrower N tiles and a K split when the output tiles alone would leave most SMs idle (memory-bound M = 50), and
+    at least enough K splits that no accumulator sums more than MAX_K_PER_ACCUMULATOR products."""
     m_pad = -(-m // _WGMMA_M) * _WGMMA_M
     tuned = TUNED.get((m_pad, n, k))
     if tuned is not None:
@@ -88,6 +95,9 @@ def default_block_sizes(m: int, n: int, k: int, *, num_sms: int = 132) -> Fp8Mat
     k_splits = 1
     # Split K while the grid is under one wave and each split keeps >= 2 pipeline steps.
     while tiles * k_splits * 2 <= num_sms and k_steps % (k_splits * 2) == 0 and k_steps // (k_splits * 2) >= 2:
+        k_splits *= 2
+    # Precision: no accumulator sums more than MAX_K_PER_ACCUMULATOR products (see there).
+    while k // k_splits > MAX_K_PER_ACCUMULATOR and k_steps % (k_splits * 2) == 0:
         k_splits *= 2
     return Fp8MatmulBlockSizes(block_m=block_m, block_n=block_n, block_k=block_k, k_splits=k_splits)
 

@@ -172,3 +172,14 @@ def test_compiled_kernel_on_gpu_full_shapes(label, m, k, n, backend):
     ops = _operands(m, k, n, seed=5)
     y = fp8_matmul(*ops, out_dtype=jnp.bfloat16, backend=backend, interpret=False)
     _check(y, fp8_matmul_reference(*ops), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("label,m,k,n", SHAPES, ids=lambda v: str(v))
+def test_default_tiles_bound_the_products_per_accumulator(label, m, k, n):
+    """Hopper's FP8 wgmma accumulates in reduced precision: no default tile sums more than the bound in one
+    accumulator (the long-K prefill down projection failed the bf16 tolerance on the H200 without this)."""
+    from pallas_kernels.fp8_matmul import MAX_K_PER_ACCUMULATOR
+
+    bs = default_block_sizes(m, n, k)
+    assert k % (bs.block_k * bs.k_splits) == 0
+    assert k // bs.k_splits <= MAX_K_PER_ACCUMULATOR
