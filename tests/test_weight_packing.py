@@ -91,10 +91,12 @@ def test_packed_layout_shapes_and_sharing(unstacked):
 def test_pack_is_cached_per_checkpoint_and_options(unstacked):
     a = weight_packing.pack_weights_cached(unstacked)
     b = weight_packing.pack_weights_cached(unstacked)
-    assert a["PaliGemma"]["llm"]["layers"] is b["PaliGemma"]["llm"]["layers"]
+    # the same packed arrays (pi05_jax.leaf_cache rebuilds the containers around them on a hit)
+    assert all(x is y for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     c = weight_packing.pack_weights_cached(unstacked, weight_packing.PackOptions(fuse_siglip_qkv=False))
-    assert c["PaliGemma"]["img"]["Transformer"]["encoderblock"] is not a["PaliGemma"]["img"]["Transformer"][
-        "encoderblock"]
+    blocks = lambda p: p["PaliGemma"]["img"]["Transformer"]["encoderblock"]
+    assert "qkv" in blocks(a)[0]["MultiHeadDotProductAttention_0"]
+    assert "qkv" not in blocks(c)[0]["MultiHeadDotProductAttention_0"]  # other options: another packed copy
     off = weight_packing.PackOptions(fuse_gemma_qkv=False, fuse_siglip_qkv=False, pad_siglip_mlp=False)
     assert weight_packing.pack_weights_cached(unstacked, off) is unstacked
 
