@@ -205,8 +205,8 @@ PALLAS = make_implementation(
     "as 'compact', with the Pallas ragged prefill and GQA cross-attention kernels (interpret mode on CPU)")
 FUSED = make_implementation(
     "fused", FastPathOptions(attention="pallas", fused_expert=denoise_fused.FusedExpertOptions()),
-    "as 'pallas', with the expert layer as fused Pallas GEMMs (adaRMS norm, RoPE, GeGLU and gated residuals folded "
-    "in; pi05_jax.denoise_fused)")
+    "experimental: as 'pallas', with the expert layer as fused Pallas GEMMs (adaRMS norm, RoPE, GeGLU and gated "
+    "residuals folded in; pi05_jax.denoise_fused); exact, but slower than 'pallas' on the H200 (docs/PERF.md)")
 sampler.register(COMPACT)
 sampler.register(PALLAS)
 sampler.register(FUSED)

@@ -126,3 +126,14 @@ def test_every_command_help_has_examples(capsys):
     for name, p in sub.choices.items():
         text = p.format_help()
         assert "example" in text.lower(), f"`pi05 {name} --help` has no examples"
+
+
+def test_kernels_help_names_every_registered_implementation():
+    """--kernels' help text (written without importing JAX) lists exactly the registered implementations."""
+    import re
+
+    from pi05_jax import fast_path, sampler  # noqa: F401  (registers the fast paths)
+    from pi05_jax.commands.common import KERNELS_HELP
+
+    assert set(re.findall(r"'([a-z0-9_-]+)'", KERNELS_HELP)) == {
+        name for name in sampler.IMPLEMENTATIONS if not name.startswith("test")}  # tests register "test-..."

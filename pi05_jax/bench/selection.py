@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from pi05_jax.commands.common import UsageError
+from pi05_jax.commands.common import KERNELS_HELP, UsageError
 from pi05_jax.config import PRESETS, Pi05Config
 
 DTYPE_NAMES = ("bfloat16", "float32")
@@ -31,7 +31,8 @@ def add_selection_args(p: argparse.ArgumentParser, *, runs_default: int, runs_he
     p.add_argument("--steps", type=int, default=10, help="Euler steps (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="rows per call (default: %(default)s)")
     p.add_argument("--kernels", default="reference", metavar="A,B,...",
-                   help="implementations, comma separated; ratios are against the first (default: %(default)s)")
+                   help=f"implementations, comma separated; ratios are against the first. Registered: "
+                        f"{KERNELS_HELP} (default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="weights and compute dtype "
                    "(default: %(default)s)")
     p.add_argument("--runs", type=int, default=runs_default, help=runs_help)

@@ -23,14 +23,20 @@ class Progress:
             print(f"[{time.perf_counter() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+# The registered implementations (pi05_jax.sampler.IMPLEMENTATIONS; a test keeps this list in step with it), for
+# --help without importing JAX.
+KERNELS_HELP = ("'reference' (plain JAX, upstream-exact), 'compact' (valid views, compacted prefix, XLA attention), "
+                "'pallas' (compact + the Pallas attention kernels: the fast path), 'fused' (experimental: pallas + "
+                "fused expert GEMMs, slower today)")
+
+
 def add_model_args(p: argparse.ArgumentParser, *, checkpoint_required: bool = True) -> None:
     p.add_argument("--checkpoint", required=checkpoint_required, metavar="DIR",
                    help="openpi checkpoint directory (holds params/ and assets/), e.g. a downloaded pi05_libero")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="weights and compute dtype; bfloat16 is what openpi serves with (default: %(default)s)")
     p.add_argument("--kernels", default="reference", metavar="NAME",
-                   help="implementation: 'reference' (plain JAX, upstream-exact) or a fast path such as 'pallas' "
-                        "(default: %(default)s)")
+                   help=f"implementation: {KERNELS_HELP} (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 

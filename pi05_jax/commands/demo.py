@@ -9,7 +9,7 @@ import pathlib
 import statistics
 import time
 
-from pi05_jax.commands.common import Progress, formatter
+from pi05_jax.commands.common import KERNELS_HELP, Progress, formatter
 
 EPILOG = """\
 The checkpoint is cached under $PI05_CACHE (default ~/.cache/pi05_jax)/demo-<preset>; delete it to rebuild.
@@ -26,7 +26,8 @@ def register(sub) -> None:
                        description=__doc__, epilog=EPILOG, formatter_class=formatter())
     p.add_argument("--preset", default="tiny", choices=["tiny", "full"], help="architecture (default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="default: %(default)s")
-    p.add_argument("--kernels", default="reference", metavar="NAME", help="implementation (default: %(default)s)")
+    p.add_argument("--kernels", default="reference", metavar="NAME",
+                   help=f"implementation: {KERNELS_HELP} (default: %(default)s)")
     p.add_argument("--views", type=int, default=2, help="valid camera views, 1..3 (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=60, help="valid prompt tokens (default: %(default)s)")
     p.add_argument("--num-steps", type=int, default=10, help="Euler steps (default: %(default)s)")
