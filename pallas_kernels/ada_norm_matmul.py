@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._interpret import resolve_interpret
+from pallas_kernels._tiles import check_pow2_fields, pow2_at_least, triton_params
 from pallas_kernels.ragged_prefill_attention import dot_precision
 
 RMS_EPS = 1e-6  # Gemma's RMSNorm epsilon (pi05_jax.gemma.RMS_EPS)
@@ -53,10 +54,7 @@ class AdaNormMatmulBlockSizes:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {name}={v}")
+        check_pow2_fields(self, ("block_m", "block_n", "block_k"))
 
 
 def _gelu_tanh(x):
@@ -102,12 +100,6 @@ def _kernel(step_ref, x_ref, gain_ref, w0_ref, w1_ref, sw_ref, *rest, epilogue, 
     o_ref[:, 1, :] = (z1 * scale).astype(o_ref.dtype)
 
 
-def _pow2_at_least(v: int, lo: int) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
-
 
 def per_step_tables(step, *tables):
     """(step index as int32 [1], tables with a leading steps axis). `step=None`: the tables hold one step (no
@@ -128,7 +120,7 @@ def per_step_tables(step, *tables):
 
 
 def _tiles(m, k, cols, bs: AdaNormMatmulBlockSizes):
-    bm = min(bs.block_m, _pow2_at_least(m, 16))
+    bm = min(bs.block_m, pow2_at_least(m, 16))
     bn = min(bs.block_n, cols)
     bk = min(bs.block_k, k)
     if cols % bn:
@@ -168,7 +160,7 @@ def _call(step, x, gain, w, w_specs, sw, sw_spec, extra, extra_specs, out_shape,
                   pl.BlockSpec((steps, k), lambda i, j: (0, 0)), *w_specs, sw_spec, *extra_specs],
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((m_pad, *out_shape[1:]), w.dtype),
-        compiler_params=_triton_params(bs),
+        compiler_params=triton_params(bs),
         interpret=resolve_interpret(interpret),
         name=f"ada_norm_matmul_{epilogue}",
     )(step, x, gain.astype(jnp.float32), w, w, sw.astype(jnp.float32), *extra)
@@ -237,11 +229,6 @@ def ada_norm_matmul_geglu(x, gain, w, shift_w, *, step=None, block_sizes: AdaNor
         (pl.cdiv(m, bm), f // bn), epilogue="geglu", bk=bk, bs=bs, interpret=interpret,
         pairs_per_head=1, cols_per_half=1, rope_heads=0, scaled_heads=0, q_scale=1.0)
 
-
-def _triton_params(bs: AdaNormMatmulBlockSizes):
-    from jax.experimental.pallas import triton as pl_triton
-
-    return pl_triton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
 # --- plain-JAX references (the same math, float32 HIGHEST dots) -----------------------------------------------------

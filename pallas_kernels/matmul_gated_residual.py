@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._interpret import resolve_interpret
+from pallas_kernels._tiles import check_pow2_fields, pow2_at_least, triton_params
 from pallas_kernels.ada_norm_matmul import per_step_tables
 from pallas_kernels.ragged_prefill_attention import dot_precision
 
@@ -41,10 +42,7 @@ class GatedResidualBlockSizes:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {name}={v}")
+        check_pow2_fields(self, ("block_m", "block_n", "block_k"))
         if self.k_splits < 1 or self.k_splits & (self.k_splits - 1):
             raise ValueError(f"k_splits must be a power of two >= 1, got k_splits={self.k_splits}")
 
@@ -68,12 +66,6 @@ def _kernel(step_ref, a_ref, w_ref, gate_ref, res_ref, o_ref, *, bk, steps, dtyp
         o_ref[...] = res_ref[...] + update
 
 
-def _pow2_at_least(v: int, lo: int) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
-
 
 def matmul_gated_residual(a, w, gate, residual, *, step=None, block_sizes: GatedResidualBlockSizes | None = None,
                           interpret: bool | None = None):
@@ -92,7 +84,7 @@ def matmul_gated_residual(a, w, gate, residual, *, step=None, block_sizes: Gated
     if residual.shape != (m, n) or residual.dtype != jnp.float32:
         raise ValueError(f"residual must be float32 [M, N]={(m, n)}, got {residual.shape=} {residual.dtype=}")
     bs = block_sizes or GatedResidualBlockSizes()
-    bm = min(bs.block_m, _pow2_at_least(m, 16))
+    bm = min(bs.block_m, pow2_at_least(m, 16))
     bn = min(bs.block_n, n)
     if n % bn:
         raise ValueError(f"N={n} must be a multiple of block_n={bn}")
@@ -124,17 +116,12 @@ def matmul_gated_residual(a, w, gate, residual, *, step=None, block_sizes: Gated
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, s: (i, j)),
         out_shape=jax.ShapeDtypeStruct((m_pad, n), jnp.float32),
         input_output_aliases={4: 0},
-        compiler_params=_triton_params(bs),
+        compiler_params=triton_params(bs),
         interpret=resolve_interpret(interpret),
         name="matmul_gated_residual",
     )(step_idx, a, w, gate.astype(jnp.float32), residual)
     return out[:m] if m_pad != m else out
 
-
-def _triton_params(bs: GatedResidualBlockSizes):
-    from jax.experimental.pallas import triton as pl_triton
-
-    return pl_triton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
 def matmul_gated_residual_reference(a, w, gate, residual, *, step=None):
