@@ -13,7 +13,10 @@ Both run the same exact restructuring of upstream's computation (each piece is d
   checkpoint and cached; params that are already unstacked, e.g. from `runtime.Model.load`, are used as they are),
   so SigLIP, prefill and the expert loop over layers in Python and every GEMM reads its weight in place, instead of
   a lax.scan that copies each layer's slice of the stacked weight before the matmul.
-They differ only in the attention callables: `compact` uses XLA masked attention, `pallas` calls
+`fused` (experimental, slower today: docs/PERF.md) is `pallas` with `pi05_jax.denoise_fused`'s expert layer. Other
+`FastPathOptions` (SigLIP attention in Pallas, attention tiles, the Pallas combine of the cross-attention's splits)
+are measured alternatives that lost or tied; they stay selectable for the next card. The base paths differ only in
+the attention callables: `compact` uses XLA masked attention, `pallas` calls
 `pallas_kernels.ragged_prefill_attention` in prefill and `pallas_kernels.gqa_cross_attention` in denoise (in Pallas
 interpret mode on the CPU).
 
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 # lazily while the first pallas_call is traced, that flag changes the tracing context after the sampler's first
 # compile, so the second call of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
+from pallas_kernels.gqa_cross_attention import COMBINES
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
 
@@ -80,6 +84,10 @@ class FastPathOptions:
         if self.vision_attention == "pallas" and not (self.fuse_siglip_qkv and self.pad_siglip_heads):
             raise ValueError("vision_attention='pallas' needs fuse_siglip_qkv=True and pad_siglip_heads=True (the "
                              "Triton kernel needs a power-of-2 head dim: SigLIP's 72 is padded to 128)")
+        if self.cross_attention_combine not in COMBINES:
+            raise ValueError(f"cross_attention_combine must be one of {COMBINES}, got {self.cross_attention_combine!r}")
+        if self.prefill_block_rows < 16 or self.prefill_block_rows & (self.prefill_block_rows - 1):
+            raise ValueError(f"prefill_block_rows must be a power of 2 >= 16, got {self.prefill_block_rows=}")
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
         self.pack_options()  # validates the packing fields

@@ -184,6 +184,10 @@ def test_bad_options_are_rejected():
         fast_path.FastPathOptions(vision_attention="pallas")  # head_dim 72 is not a power of 2
     with pytest.raises(ValueError, match="qkv"):
         denoise_fused.FusedExpertOptions(qkv="cuda")
+    with pytest.raises(ValueError, match="cross_attention_combine"):
+        fast_path.FastPathOptions(cross_attention_combine="cuda")
+    with pytest.raises(ValueError, match="prefill_block_rows"):
+        fast_path.FastPathOptions(prefill_block_rows=24)
 
 
 # Non-default options of the fast path, each against the reference (float32, the mixed-rows case): the fused expert
