@@ -129,6 +129,22 @@ def test_device_trace_summary(tmp_path):
     assert {(k["name"], k["phase"]) for k in top} >= {("loop_fusion", "vision"), ("loop_fusion", "denoise")}
     assert s["phases"]["unattributed"]["share"] == pytest.approx(0.1)
     assert s["attributed_share"] == pytest.approx(0.9)
+    # launches per call: 2 calls traced; prefill launched 2 kernels in all, the others 1
+    assert {ph: v["launches_per_call"] for ph, v in s["phases"].items()} == {
+        "prefill": 1.0, "vision": 0.5, "denoise": 0.5, "unattributed": 0.5}
+
+
+def test_launch_counts_are_printed_per_phase_and_per_euler_step():
+    from pi05_jax.commands.profile import launches_line
+
+    summary = {"mode": "device", "phases": {
+        "denoise": {"time_us": 9.0, "share": 0.6, "launches_per_call": 2700.0},
+        "prefill": {"time_us": 5.0, "share": 0.3, "launches_per_call": 400.0},
+        "vision": {"time_us": 1.0, "share": 0.1, "launches_per_call": 300.0}}}
+    line = launches_line(summary, steps=10)
+    assert line == ("  kernels launched per call: denoise 2700 (270 per Euler step), prefill 400, vision 300")
+    assert "per Euler step" not in launches_line(summary, steps=None)
+    assert launches_line({**summary, "mode": "host"}, 10).startswith("  XLA ops executed per call")
 
 
 def test_host_trace_counts_loops_by_their_own_time(tmp_path):

@@ -231,9 +231,10 @@ def summarize(path: pathlib.Path, *, hlo: HloInfo, modules: set[str], calls: int
     for g in ranked:
         g["share"] = g["time_us"] / total_us if total_us else 0.0
         g["time_us_per_call"] = g["time_us"] / calls
-    by_phase = collections.Counter()
+    by_phase, launches = collections.Counter(), collections.Counter()
     for _, _, dur, phase in timed:
         by_phase[phase] += dur
+        launches[phase] += 1
     return {
         "trace": str(path),
         "mode": mode,
@@ -242,7 +243,9 @@ def summarize(path: pathlib.Path, *, hlo: HloInfo, modules: set[str], calls: int
         "events": len(timed),
         "total_us": total_us,
         "total_us_per_call": total_us / calls,
-        "phases": {p: {"time_us": t, "share": t / total_us if total_us else 0.0} for p, t in by_phase.items()},
+        # per phase: kernel time, its share, and kernels launched (device mode; XLA ops executed in host mode) per call
+        "phases": {p: {"time_us": t, "share": t / total_us if total_us else 0.0,
+                       "launches_per_call": launches[p] / calls} for p, t in by_phase.items()},
         "attributed_share": 1.0 - (by_phase.get(UNATTRIBUTED, 0.0) / total_us if total_us else 0.0),
         "top": ranked[:top],
         "distinct_kernels": len(ranked),

@@ -70,14 +70,26 @@ def profile_one(p, built, *, trace_dir, runs: int, top: int, say) -> dict:
     return summary
 
 
-def text(summary: dict) -> str:
+def launches_line(summary: dict, steps: int | None) -> str:
+    """Kernels launched per call by phase, and the denoise's per Euler step (issue 6 asks for it before/after)."""
+    what = "kernels launched" if summary["mode"] == "device" else "XLA ops executed"
+    parts = []
+    for ph, v in sorted(summary["phases"].items(), key=lambda kv: -kv[1]["time_us"]):
+        n = v.get("launches_per_call", 0.0)
+        per_step = f" ({n / steps:.0f} per Euler step)" if ph == "denoise" and steps else ""
+        parts.append(f"{ph} {n:.0f}{per_step}")
+    return f"  {what} per call: " + ", ".join(parts)
+
+
+def text(summary: dict, steps: int | None = None) -> str:
     lines = [f"{summary['name']}: {summary['note']}",
              f"  {summary['calls']} calls traced, {summary['wall_s_per_call'] * 1e3:.3g} ms wall per call, "
              f"{summary['total_us_per_call'] / 1e3:.3g} ms of "
              f"{'kernel' if summary['mode'] == 'device' else 'op'} time per call, "
              f"{summary['distinct_kernels']} distinct; {summary['attributed_share'] * 100:.0f}% attributed to a phase",
              "  by phase: " + ", ".join(f"{ph} {v['share'] * 100:.1f}%" for ph, v in
-                                        sorted(summary["phases"].items(), key=lambda kv: -kv[1]["time_us"]))]
+                                        sorted(summary["phases"].items(), key=lambda kv: -kv[1]["time_us"])),
+             launches_line(summary, steps)]
     rows = [(f"{k['share'] * 100:5.1f}%", f"{k['time_us_per_call'] / 1e3:.3g}", str(k["count"]), k["phase"],
              k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "...") for k in summary["top"]]
     header = ("share", "ms/call", "count", "phase", "kernel" if summary["mode"] == "device" else "XLA op")
@@ -117,7 +129,7 @@ def run(args) -> int:
             summaries.append({"name": impl.name, "error": f"{type(e).__name__}: {str(e)[:500]}"})
             continue
         summaries.append(s)
-        print(text(s))
+        print(text(s, steps=sel.steps))
     doc = {"schema": "pi05-profile/1", "selection": sel.as_dict(), "implementations": summaries}
     if args.json:
         print(f"wrote {report.write_json(doc, args.json)}")
