@@ -27,16 +27,16 @@ expert weights; `supported(params)` says whether a checkpoint qualifies.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from pallas_kernels.ada_norm_matmul import AdaNormMatmulBlockSizes, ada_norm_matmul_geglu, ada_norm_matmul_rope
-from pallas_kernels.matmul_gated_residual import GatedResidualBlockSizes, matmul_gated_residual
+from pallas_kernels.ada_norm_matmul import ada_norm_matmul_geglu, ada_norm_matmul_rope
+from pallas_kernels.matmul_gated_residual import matmul_gated_residual
 from pi05_jax import denoise_fast, gemma, layer_stack, sampler
 from pi05_jax.compact_prefix import CompactPrefix
+from pi05_jax.fused_expert_options import PIECES, FusedExpertOptions  # noqa: F401  (re-exported)
 from pi05_jax.leaf_cache import LeafCache
 from pi05_jax.linear import gelu_tanh, promoted_dense
 
@@ -50,7 +50,7 @@ def _expert_weights(layer: dict):
     attn, mlp = layer.get("attn", {}), layer.get("mlp_1", {})
     ws = (attn.get("qkv_einsum_1", {}).get("w"), attn.get("attn_vec_einsum_1", {}).get("w"),
           mlp.get("gating_einsum"), mlp.get("linear"))
-    return ws if all(isinstance(w, jax.Array) for w in ws) else None
+    return ws if all(isinstance(w, (jax.Array, np.ndarray)) for w in ws) else None
 
 
 def supported(params) -> bool:
@@ -115,39 +115,10 @@ def rope_angles(positions, head_dim: int, rows: int):
     return jnp.cos(radians), jnp.sin(radians)
 
 
-@dataclasses.dataclass(frozen=True)
-class FusedExpertOptions:
-    """Which pieces of the expert layer run as the fused Pallas kernels ("pallas") or as XLA ops ("xla": the same
-    ops denoise_fast runs, on the float32 residual stream), and the kernels' tiles.
-
-    qkv: adaRMS norm + QKV GEMM + RoPE (ada_norm_matmul_rope); mlp_in: adaRMS norm + gate/up GEMM + GeGLU
-    (ada_norm_matmul_geglu); residual: the out and down projections with their gated residual adds
-    (matmul_gated_residual)."""
-
-    qkv: str = "pallas"
-    mlp_in: str = "pallas"
-    residual: str = "pallas"
-    # tiles: the best of scripts/gpu_fused_expert.py's micro-benchmark (H200, docs/PERF.md)
-    qkv_blocks: AdaNormMatmulBlockSizes = dataclasses.field(
-        default_factory=lambda: AdaNormMatmulBlockSizes(block_n=32))
-    mlp_in_blocks: AdaNormMatmulBlockSizes = dataclasses.field(
-        default_factory=lambda: AdaNormMatmulBlockSizes(block_n=32, block_k=64))
-    out_blocks: GatedResidualBlockSizes = dataclasses.field(
-        default_factory=lambda: GatedResidualBlockSizes(block_n=32, k_splits=8))
-    down_blocks: GatedResidualBlockSizes = dataclasses.field(
-        default_factory=lambda: GatedResidualBlockSizes(block_n=32, k_splits=4))
-
-    def __post_init__(self):
-        for name in ("qkv", "mlp_in", "residual"):
-            if getattr(self, name) not in PIECES:
-                raise ValueError(f"{name} must be one of {PIECES}, got {name}={getattr(self, name)!r}")
-
-
-PIECES = ("pallas", "xla")
 
 
 def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_attention,
-            options: FusedExpertOptions = FusedExpertOptions()):
+            options: FusedExpertOptions | None = None):
     """denoise_fast.denoise's Euler loop (a fori_loop over steps) with the fused expert layer. noise [B,T,A] float32
     -> actions [B,T,A] float32. `suffix_attention(lengths)` as in denoise_fast (the Pallas or the XLA one)."""
     llm = params["PaliGemma"]["llm"]
@@ -173,7 +144,7 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
     attend = suffix_attention(prefix.lengths)
     cache_k, cache_v = prefix.kv
     final_scale, final_shift, _ = table["final"]  # each [I, 1, 1, D]
-    opt = options
+    opt = options or FusedExpertOptions()
 
     def valid(x):  # the float32 stream's B*T valid rows as [B, T, D]
         return x[:bt].reshape(b, t, d)

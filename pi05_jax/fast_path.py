@@ -40,6 +40,7 @@ import pallas_kernels._interpret  # noqa: F401
 from pallas_kernels.gqa_cross_attention import COMBINES
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
+from pi05_jax.fused_expert_options import FusedExpertOptions
 
 ATTENTIONS = ("xla", "pallas")
 VISION_ATTENTIONS = ("xla", "pallas")
@@ -74,7 +75,7 @@ class FastPathOptions:
     # the expert layer with fused Pallas GEMMs (pi05_jax.denoise_fused: adaRMS folded into the QKV and gate/up GEMMs,
     # gated residuals into the out/down GEMMs; which pieces, and their tiles); needs unstacked layers with fused QKV,
     # else denoise_fast runs. None: denoise_fast.
-    fused_expert: denoise_fused.FusedExpertOptions | None = None
+    fused_expert: FusedExpertOptions | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -212,7 +213,7 @@ PALLAS = make_implementation(
     "pallas", FastPathOptions(attention="pallas"),
     "as 'compact', with the Pallas ragged prefill and GQA cross-attention kernels (interpret mode on CPU)")
 FUSED = make_implementation(
-    "fused", FastPathOptions(attention="pallas", fused_expert=denoise_fused.FusedExpertOptions()),
+    "fused", FastPathOptions(attention="pallas", fused_expert=FusedExpertOptions()),
     "experimental: as 'pallas', with the expert layer as fused Pallas GEMMs (adaRMS norm, RoPE, GeGLU and gated "
     "residuals folded in; pi05_jax.denoise_fused); exact, but slower than 'pallas' on the H200 (docs/PERF.md)")
 sampler.register(COMPACT)
