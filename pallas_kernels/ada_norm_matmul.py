@@ -62,15 +62,15 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(jnp.float32(0.7978845608028654) * (x + 0.044715 * (x * x * x))))
 
 
-def _kernel(step_ref, x_ref, gain_ref, w0_ref, w1_ref, sw_ref, *rest, epilogue, width, bk, steps, dtype, pairs_per_head,
-            cols_per_half, rope_heads, scaled_heads, q_scale):
+def _kernel(step_ref, x_ref, gain_ref, w0_ref, w1_ref, sw_ref, *rest, epilogue, width, bk, k_steps, dtype,
+            pairs_per_head, cols_per_half, rope_heads, scaled_heads, q_scale):
     o_ref = rest[-1]
     bm = x_ref.shape[0]
     bn = w0_ref.shape[-1]
     precision = dot_precision(dtype)
     t = pl.ds(step_ref[()], 1)  # this Euler step's row of the per-step tables
 
-    def step(i, carry):
+    def k_step(i, carry):
         acc0, acc1, ssq = carry
         cols = pl.ds(pl.multiple_of(i * bk, bk), bk)
         xt = x_ref[:, cols].astype(jnp.float32)
@@ -81,7 +81,7 @@ def _kernel(step_ref, x_ref, gain_ref, w0_ref, w1_ref, sw_ref, *rest, epilogue, 
         return acc0, acc1, ssq
 
     zeros = jnp.zeros((bm, bn), jnp.float32)
-    acc0, acc1, ssq = lax.fori_loop(0, steps, step, (zeros, zeros, jnp.zeros((bm,), jnp.float32)))
+    acc0, acc1, ssq = lax.fori_loop(0, k_steps, k_step, (zeros, zeros, jnp.zeros((bm,), jnp.float32)))
     r = lax.rsqrt(ssq * jnp.float32(1.0 / width) + jnp.float32(RMS_EPS))[:, None]
     y0 = acc0 * r + sw_ref[t, 0, :]
     y1 = acc1 * r + sw_ref[t, 1, :]
@@ -100,7 +100,6 @@ def _kernel(step_ref, x_ref, gain_ref, w0_ref, w1_ref, sw_ref, *rest, epilogue, 
     o_ref[:, 1, :] = (z1 * scale).astype(o_ref.dtype)
 
 
-
 def per_step_tables(step, *tables):
     """(step index as int32 [1], tables with a leading steps axis). `step=None`: the tables hold one step (no
     leading axis); one is added and the index is 0. Else `step` is an int32 scalar (traced or not) and the tables
@@ -115,7 +114,7 @@ def per_step_tables(step, *tables):
         raise ValueError(f"per-step tables disagree on the number of steps: {[t.shape for t in tables]}")
     if not isinstance(step, jax.core.Tracer) and not 0 <= int(step) < steps.pop():
         raise ValueError(f"step={int(step)} is outside the tables' {tables[0].shape[0]} steps")
-    # (a traced step cannot be checked here: the kernels read row `step` unchecked, as lax.dynamic_index would not)
+    # A traced step cannot be checked here, and the kernels read row `step` as given (lax.dynamic_index would clamp).
     return jnp.reshape(step, (1,)).astype(jnp.int32), list(tables)
 
 
@@ -151,8 +150,8 @@ def _call(step, x, gain, w, w_specs, sw, sw_spec, extra, extra_specs, out_shape,
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
         extra = [jnp.pad(e, ((0, m_pad - m), (0, 0))) for e in extra]
-    steps = gain.shape[0]
-    kernel = functools.partial(_kernel, epilogue=epilogue, width=k, bk=bk, steps=k // bk, dtype=w.dtype, **static)
+    steps = gain.shape[0]  # Euler steps in the per-step tables
+    kernel = functools.partial(_kernel, epilogue=epilogue, width=k, bk=bk, k_steps=k // bk, dtype=w.dtype, **static)
     out = pl.pallas_call(
         kernel,
         grid=grid,

@@ -47,16 +47,16 @@ class GatedResidualBlockSizes:
             raise ValueError(f"k_splits must be a power of two >= 1, got k_splits={self.k_splits}")
 
 
-def _kernel(step_ref, a_ref, w_ref, gate_ref, res_ref, o_ref, *, bk, steps, dtype, atomic):
+def _kernel(step_ref, a_ref, w_ref, gate_ref, res_ref, o_ref, *, bk, k_steps, dtype, atomic):
     bm, bn = o_ref.shape
     precision = dot_precision(dtype)
 
-    def step(i, acc):
+    def k_step(i, acc):
         cols = pl.ds(pl.multiple_of(i * bk, bk), bk)
         return acc + jnp.dot(a_ref[:, cols].astype(dtype), w_ref[cols, :].astype(dtype),
                              preferred_element_type=jnp.float32, precision=precision)
 
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+    acc = lax.fori_loop(0, k_steps, k_step, jnp.zeros((bm, bn), jnp.float32))
     update = acc * gate_ref[pl.ds(step_ref[()], 1), :]  # this Euler step's gate row
     if atomic:
         from jax.experimental.pallas import triton as pl_triton
@@ -100,7 +100,7 @@ def matmul_gated_residual(a, w, gate, residual, *, step=None, block_sizes: Gated
         a = jnp.pad(a, ((0, m_pad - m), (0, 0)))
         residual = jnp.pad(residual, ((0, m_pad - m), (0, 0)))
     atomic = splits > 1
-    kernel = functools.partial(_kernel, bk=bk, steps=k_split // bk, dtype=w.dtype, atomic=atomic)
+    kernel = functools.partial(_kernel, bk=bk, k_steps=k_split // bk, dtype=w.dtype, atomic=atomic)
     # Grid (M blocks, N blocks, K splits): the first axis varies fastest in the Triton lowering, so row blocks that
     # share a weight tile run side by side.
     out = pl.pallas_call(
