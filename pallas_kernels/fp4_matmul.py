@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._interpret import resolve_interpret
+from pallas_kernels._tiles import pow2_at_least, triton_params
 
 BLOCK = 16  # contracted elements per block scale (checkpoints.fp4_format.BLOCK)
 DEQUANT_VARIANTS = ("f32", "bf16", "f16", "f16asm")
@@ -100,13 +101,6 @@ def default_block_sizes(m: int, k: int, n: int, g: int = 1, x_dtype=jnp.bfloat16
     while programs * k_splits < 128 and k // (2 * k_splits) >= 2 * block_k:
         k_splits *= 2
     return Fp4MatmulBlockSizes(block_m=64, block_n=block_n, block_k=block_k, k_splits=k_splits, dequant=dequant)
-
-
-def _pow2_at_least(v: int, lo: int) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
 
 
 def _scale_bytes(block_scales):
@@ -267,7 +261,7 @@ def fp4_matmul(x, w_packed, block_scales, tensor_scale, *, block_sizes: Fp4Matmu
         raise ValueError(f"dequant={bs.dequant!r} needs bfloat16 activations, got {x.dtype=} (use 'f32')")
     interpret = resolve_interpret(interpret)
 
-    bm = min(bs.block_m, _pow2_at_least(m, 16))
+    bm = min(bs.block_m, pow2_at_least(m, 16))
     bn = min(bs.block_n, n)
     if n % bn:
         raise ValueError(f"N={n} must be a multiple of block_n={bn} (w_packed.shape={w_packed.shape})")
@@ -316,7 +310,7 @@ def fp4_matmul(x, w_packed, block_scales, tensor_scale, *, block_sizes: Fp4Matmu
         out_specs=out_spec,
         out_shape=out_shape,
         input_output_aliases={len(operands) - 1: 0} if atomic else {},
-        compiler_params=_triton_params(bs),
+        compiler_params=triton_params(bs),
         interpret=interpret,
         name="fp4_matmul",
     )(*operands)
@@ -325,11 +319,6 @@ def fp4_matmul(x, w_packed, block_scales, tensor_scale, *, block_sizes: Fp4Matmu
     out = out[:, :m].astype(out_dtype)
     return out if grouped else out[0]
 
-
-def _triton_params(bs: Fp4MatmulBlockSizes):
-    from jax.experimental.pallas import triton as pl_triton
-
-    return pl_triton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
 def dequantize_reference(w_packed, block_scales, tensor_scale, dtype=jnp.float32):

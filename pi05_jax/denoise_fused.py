@@ -87,9 +87,11 @@ _constants_jit = jax.jit(compute_fused_constants)
 _CACHE = LeafCache()
 
 
-def fused_constants(params, num_steps: int) -> dict:
-    """The device-resident fused constants for this checkpoint and num_steps, computed on first use."""
-    table = denoise_fast.modulation_table(params, num_steps)
+def fused_constants(params, num_steps: int, table: dict | None = None) -> dict:
+    """The device-resident fused constants for this checkpoint and num_steps, computed on first use. `table`:
+    denoise_fast's adaRMS table for them, when the caller already holds it."""
+    if table is None:
+        table = denoise_fast.modulation_table(params, num_steps)
     weights = tuple(_expert_weights(p) for p in params["PaliGemma"]["llm"]["layers"])
     return _CACHE.get((weights, table), lambda: _constants_jit(weights, table), tag=num_steps)
 
@@ -97,7 +99,8 @@ def fused_constants(params, num_steps: int) -> dict:
 def with_constants(params, num_steps: int) -> dict:
     """params with denoise_fast's table and the fused constants under denoise_fast.CONSTANTS_KEY."""
     params = denoise_fast.with_constants(params, num_steps)
-    consts = {**params[denoise_fast.CONSTANTS_KEY], FUSED_KEY: fused_constants(params, num_steps)}
+    consts = params[denoise_fast.CONSTANTS_KEY]
+    consts = {**consts, FUSED_KEY: fused_constants(params, num_steps, consts["adarms"])}
     return {**params, denoise_fast.CONSTANTS_KEY: consts}
 
 

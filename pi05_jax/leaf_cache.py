@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Hashable
 
 import jax
+import numpy as np
 
 
 class LeafCache:
@@ -46,6 +47,8 @@ def _weakref_or_none(x):
 
 
 def _leaf_key(x):
+    if isinstance(x, (jax.Array, np.ndarray)):  # nearly every leaf, on every call: no weakref probe
+        return id(x)
     return id(x) if _weakref_or_none(x) is not None else ("value", type(x).__name__, x)
 
 

@@ -28,6 +28,18 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def median_seconds(fn, *args, repeats: int = 30, warmup: int = 3) -> float:
+    """Median wall time of `fn(*args)` with block_until_ready, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def time_sample(params, obs, noise, kernels, *, steps, repeats, warmup=3):
     """First call (compile + run), `warmup` calls, then `repeats` timed calls with block_until_ready.
     Returns (actions float32, first-call seconds, sorted timed seconds, XLA compilations during the timed calls)."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import statistics
 import sys
 import time
 import traceback
@@ -45,6 +44,9 @@ from pallas_kernels.fp4_matmul import (
 )
 from pi05_jax.quantized.fp4_weight import Fp4Weight
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from gpu_common import median_seconds
+
 T0 = time.perf_counter()
 
 
@@ -53,14 +55,7 @@ def log(msg: str) -> None:
 
 
 def median_time(fn, *args, repeats: int = 20, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(fn, *args, repeats=repeats, warmup=warmup)
 
 
 def rel_err(a, b) -> float:

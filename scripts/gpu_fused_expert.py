@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -26,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gpu_common import cosine, rel_err, say, time_sample
+from gpu_common import cosine, median_seconds, rel_err, say, time_sample
 
 from pallas_kernels.ada_norm_matmul import (
     AdaNormMatmulBlockSizes,
@@ -44,14 +43,8 @@ P = KH * (G + 2)
 
 
 def median_us(fn, *args, repeats=30):
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e6 / L
+    """us per call of one of the L chained calls in `fn`."""
+    return median_seconds(fn, *args, repeats=repeats) * 1e6 / L
 
 
 def micro(rng):
