@@ -79,10 +79,12 @@ class BlockSizes:
 def _cross_kernel(
     len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, acc_ref, max_ref, sum_ref,
     *, prefix_len, self_len, num_prefix_splits, split_k, block_rows, block_k, block_k_self, precision,
+    split_axis=2, row_axis=3,
 ):  # fmt: skip
+    """One (split, row block) of the flash-decoding grid; the grid axes holding them are split_axis / row_axis."""
     rows_total, head_dim = q_ref.shape
-    split = pl.program_id(2)
-    row_start = jnp.minimum(pl.program_id(3) * block_rows, rows_total - block_rows)
+    split = pl.program_id(split_axis)
+    row_start = jnp.minimum(pl.program_id(row_axis) * block_rows, rows_total - block_rows)
     length = jnp.clip(len_ref[()], 0, prefix_len)
     is_prefix = split < num_prefix_splits
     q = q_ref[pl.ds(row_start, block_rows), :]
@@ -245,6 +247,130 @@ def _gqa_cross(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self, *, block_s
     else:
         out = combine_splits(acc, row_max, row_sum)[:, :, :rows]  # [B,K,R,H] float32
     return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def _check_packed_inputs(qkv, k_prefix, v_prefix, prefix_lengths):
+    if qkv.ndim != 5 or qkv.shape[3] < 3:
+        raise ValueError(f"qkv must be [B,T,K,G+2,H] (per KV head: G >= 1 query heads, then k, then v); got "
+                         f"{qkv.shape=}")
+    b, _, kh, _, h = qkv.shape
+    if k_prefix.ndim != 4 or k_prefix.shape != v_prefix.shape:
+        raise ValueError(f"k_prefix and v_prefix must both be [B,S,K,H]; got {k_prefix.shape=}, {v_prefix.shape=}")
+    if (k_prefix.shape[0], k_prefix.shape[2], k_prefix.shape[3]) != (b, kh, h):
+        raise ValueError(f"k_prefix [B,S,K,H] must match qkv [B,T,K,G+2,H] in B, K and H; got {qkv.shape=}, "
+                         f"{k_prefix.shape=}")
+    if len({qkv.dtype, k_prefix.dtype, v_prefix.dtype}) != 1:
+        raise ValueError(f"qkv and the prefix K/V must share a dtype; got {qkv.dtype=}, {k_prefix.dtype=}, "
+                         f"{v_prefix.dtype=}")
+    if prefix_lengths.shape != (b,) or not jnp.issubdtype(prefix_lengths.dtype, jnp.integer):
+        raise ValueError(
+            f"prefix_lengths must be integer [B] with {b=}; got {prefix_lengths.shape=}, {prefix_lengths.dtype=}"
+        )
+
+
+def unpack_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """qkv [B,T,K,G+2,H] -> (q [B,T,K*G,H], k [B,T,K,H], v [B,T,K,H]): the packed layout's three views."""
+    b, t, kh, g2, h = qkv.shape
+    return qkv[:, :, :, : g2 - 2].reshape(b, t, kh * (g2 - 2), h), qkv[:, :, :, g2 - 2], qkv[:, :, :, g2 - 1]
+
+
+def gqa_cross_attention_packed(
+    qkv: jax.Array,
+    k_prefix: jax.Array,
+    v_prefix: jax.Array,
+    prefix_lengths: jax.Array,
+    *,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool | None = None,
+) -> jax.Array:
+    """`gqa_cross_attention` with the action tokens' q, k and v in one packed array, read in place.
+
+    qkv [B,T,K,G+2,H]: per KV head, G query heads (RoPE'd, pre-scaled by H**-0.5), then k (RoPE'd), then v: the
+    output layout of the expert's fused QKV GEMM, so the XLA op before the kernel is one elementwise fusion (RoPE and
+    the q scale) instead of three (q, k and v sliced out separately). The grid is (B, K, J, G, token blocks): one
+    program per (split, query head, block of tokens), q read as a strided [tokens, H] view of its head; the splits
+    are combined as in `gqa_cross_attention` (block_sizes.combine). block_rows counts tokens of one head here.
+    Returns [B,T,K*G,H] in qkv.dtype. `interpret=None` runs Pallas interpret mode when the backend is the CPU.
+    """
+    prefix_lengths = jnp.asarray(prefix_lengths)
+    _check_packed_inputs(qkv, k_prefix, v_prefix, prefix_lengths)
+    if block_sizes.single_pass:
+        raise ValueError("gqa_cross_attention_packed runs the flash-decoding split only; got "
+                         f"{block_sizes.single_pass=}")
+    interpret = resolve_interpret(interpret)
+    if not interpret and not _is_power_of_2(qkv.shape[4]):
+        raise ValueError(f"the Triton lowering needs a power-of-2 head dim; got {qkv.shape=}")
+    return _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths.astype(jnp.int32), block_sizes=block_sizes,
+                             interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths, *, block_sizes: BlockSizes, interpret: bool):
+    b, t, kh, g2, h = qkv.shape
+    g = g2 - 2
+    s = k_prefix.shape[1]
+    block_k = tile_for(s, key_block_for(qkv.dtype, block_sizes.block_k))
+    split_k = max(block_sizes.split_k // block_k * block_k, block_k)
+    num_prefix_splits = pl.cdiv(s, split_k)
+    splits = num_prefix_splits + 1
+    # Pads only trigger for inputs smaller than one tile (tests; pi0.5 has T = 50, S >= 64).
+    qkv = _pad_axis1(qkv.reshape(b, t, kh * g2, h), MIN_TILE).reshape(b, -1, kh, g2, h)
+    k_prefix, v_prefix = _pad_axis1(k_prefix, block_k), _pad_axis1(v_prefix, block_k)
+    tp = qkv.shape[1]
+    block_rows = tile_for(tp, block_sizes.block_rows)
+    block_k_self = tile_for(tp, key_block_for(qkv.dtype, block_sizes.block_k))
+
+    kernel = functools.partial(
+        _cross_kernel, prefix_len=s, self_len=t, num_prefix_splits=num_prefix_splits, split_k=split_k,
+        block_rows=block_rows, block_k=block_k, block_k_self=block_k_self, precision=dot_precision(qkv.dtype),
+        split_axis=2, row_axis=4,
+    )  # fmt: skip
+    grid = (b, kh, splits, g, pl.cdiv(tp, block_rows))
+    head_view = (None, tp, None, None, h)  # [T, H] of one (KV head, slot) of qkv
+    prefix_view = (None, k_prefix.shape[1], None, h)
+    acc, row_max, row_sum = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((b, kh, splits, tp, g, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, splits, tp, g), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, splits, tp, g), jnp.float32),
+        ),
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((None,), lambda bi, ki, ji, gi, ri: (bi,)),
+            pl.BlockSpec(head_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, gi, 0)),  # q of head gi
+            pl.BlockSpec(prefix_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, 0)),
+            pl.BlockSpec(prefix_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, 0)),
+            pl.BlockSpec(head_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, g, 0)),  # k_self
+            pl.BlockSpec(head_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, g + 1, 0)),  # v_self
+        ],
+        out_specs=(
+            pl.BlockSpec((None, None, None, tp, None, h), lambda bi, ki, ji, gi, ri: (bi, ki, ji, 0, gi, 0)),
+            pl.BlockSpec((None, None, None, tp, None), lambda bi, ki, ji, gi, ri: (bi, ki, ji, 0, gi)),
+            pl.BlockSpec((None, None, None, tp, None), lambda bi, ki, ji, gi, ri: (bi, ki, ji, 0, gi)),
+        ),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
+        interpret=interpret,
+        name="gqa_cross_attention_packed",
+    )(prefix_lengths, qkv, k_prefix, v_prefix, qkv, qkv)
+
+    rows = tp * g  # [.., T, G, ..] is the row layout [.., R, ..] with r = t * G + g: a free reshape
+    acc, row_max, row_sum = acc.reshape(b, kh, splits, rows, h), *(a.reshape(b, kh, splits, rows)
+                                                                   for a in (row_max, row_sum))
+    if block_sizes.combine == "pallas":
+        out = _combine_call(acc, row_max, row_sum, qkv.dtype, block_sizes.combine_rows, interpret)
+    else:
+        out = combine_splits(acc, row_max, row_sum)
+    out = out.reshape(b, kh, tp, g, h)[:, :, :t].transpose(0, 2, 1, 3, 4)
+    return out.reshape(b, t, kh * g, h).astype(qkv.dtype)
+
+
+def gqa_cross_attention_packed_reference(qkv, k_prefix, v_prefix, prefix_lengths) -> jax.Array:
+    """Plain-JAX `gqa_cross_attention_packed`: `gqa_cross_attention_reference` on the unpacked q, k and v."""
+    prefix_lengths = jnp.asarray(prefix_lengths)
+    _check_packed_inputs(qkv, k_prefix, v_prefix, prefix_lengths)
+    q, k, v = unpack_qkv(qkv)
+    return gqa_cross_attention_reference(q, k_prefix, v_prefix, prefix_lengths, k, v)
 
 
 def _combine_kernel(acc_ref, max_ref, sum_ref, o_ref, *, splits, block):

@@ -115,9 +115,15 @@ def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend):
     s2, sh2, g2 = mods_ffw
     attn = p["attn"]
     h = gemma.ada_rms_norm(x, s1, sh1)
-    # fused q/k/v weight (pi05_jax.weight_packing): one GEMM, RoPE on q and k together; else two GEMMs
-    q, k, v = gemma.qkv_any(h, attn, "_1", positions)
-    o = attend(q, ck, cv, k, v)
+    fused = attn.get("qkv_einsum_1")
+    attend_packed = getattr(attend, "packed", None)
+    if fused is not None and attend_packed is not None:
+        # the attention reads q, k and v in place from the fused GEMM's layout (gqa_cross_attention_packed)
+        o = attend_packed(gemma.qkv_packed_rotated(h, fused["w"], positions), ck, cv)
+    else:
+        # fused q/k/v weight (pi05_jax.weight_packing): one GEMM, RoPE on q and k together; else two GEMMs
+        q, k, v = gemma.qkv_any(h, attn, "_1", positions)
+        o = attend(q, ck, cv, k, v)
     x = x + weight_einsum("BTNH,NHD->BTD", o, attn["attn_vec_einsum_1"]["w"]) * g1
     h = gemma.ada_rms_norm(x, s2, sh2)
     return x + gemma.feed_forward(h, p["mlp_1"]) * g2
@@ -159,7 +165,9 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
             unroll_steps: bool | None = None, unroll_layers: bool = False, step_unroll: int = 1):
     """Upstream's Euler loop x <- x + dt * v(x, t) from noise [B,T,A] (float32) -> actions [B,T,A] float32.
 
-    `suffix_attention(lengths)` returns the per-layer attention `(q, k_prefix, v_prefix, k_self, v_self) -> out`.
+    `suffix_attention(lengths)` returns the per-layer attention `(q, k_prefix, v_prefix, k_self, v_self) -> out`;
+    if that callable has a `packed` attribute `(qkv, k_prefix, v_prefix) -> out`, layers with a fused QKV weight call
+    it instead on `gemma.qkv_packed_rotated`'s [B,T,K,G+2,H] output.
     Steps are unrolled (a Python loop over the known times: one straight-line executable) or a fori_loop (None:
     `default_unroll_steps`); the expert's layers are a lax.scan or, with `unroll_layers` or unstacked layers,
     unrolled (more code, no loop bookkeeping, no per-layer weight slices). `step_unroll` > 1 unrolls that many steps

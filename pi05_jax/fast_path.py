@@ -44,6 +44,7 @@ from pi05_jax.fused_expert_options import FusedExpertOptions
 
 ATTENTIONS = ("xla", "pallas")
 VISION_ATTENTIONS = ("xla", "pallas")
+CROSS_ATTENTION_QKV = ("packed", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,10 @@ class FastPathOptions:
     prefill_block_rows: int = 64
     # how the Pallas cross-attention merges its flash-decoding splits (gqa_cross_attention.BlockSizes.combine)
     cross_attention_combine: str = "xla"
+    # how the expert's q, k, v reach the Pallas cross-attention when its QKV weight is fused: "packed" (read in place
+    # from the GEMM's [B,T,K,G+2,H] layout, gqa_cross_attention_packed: one XLA fusion for RoPE and the q scale) or
+    # "split" (q, k and v sliced out first: three fusions)
+    cross_attention_qkv: str = "packed"
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (see compact_prefix.DEFAULT_BUCKET_SIZE)
     # Euler steps as straight-line code (True) or a lax.fori_loop (False); None: a fori_loop on unstacked layers (its
     # weights are loop invariants; 18 layer bodies to compile, not 180), unrolled on stacked ones (the old default).
@@ -85,6 +90,9 @@ class FastPathOptions:
         if self.vision_attention == "pallas" and not (self.fuse_siglip_qkv and self.pad_siglip_heads):
             raise ValueError("vision_attention='pallas' needs fuse_siglip_qkv=True and pad_siglip_heads=True (the "
                              "Triton kernel needs a power-of-2 head dim: SigLIP's 72 is padded to 128)")
+        if self.cross_attention_qkv not in CROSS_ATTENTION_QKV:
+            raise ValueError(f"cross_attention_qkv must be one of {CROSS_ATTENTION_QKV}, got "
+                             f"{self.cross_attention_qkv!r}")
         if self.cross_attention_combine not in COMBINES:
             raise ValueError(f"cross_attention_combine must be one of {COMBINES}, got {self.cross_attention_combine!r}")
         if self.prefill_block_rows < 16 or self.prefill_block_rows & (self.prefill_block_rows - 1):
@@ -116,17 +124,25 @@ def pallas_vision_attention(q, k, v):
     return ragged_prefill_attention(q, k, v, jnp.full((q.shape[0],), q.shape[1], jnp.int32))
 
 
-def pallas_suffix_attention(lengths, combine: str = "xla"):
-    from pallas_kernels.gqa_cross_attention import BlockSizes, gqa_cross_attention
+def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed"):
+    from pallas_kernels.gqa_cross_attention import BlockSizes, gqa_cross_attention, gqa_cross_attention_packed
 
     blocks = BlockSizes(combine=combine)
-    return lambda q, ck, cv, k, v: gqa_cross_attention(q, ck, cv, lengths, k, v, block_sizes=blocks)
+
+    def attend(q, ck, cv, k, v):
+        return gqa_cross_attention(q, ck, cv, lengths, k, v, block_sizes=blocks)
+
+    if qkv == "packed":  # denoise_fast calls this on layers with a fused QKV weight
+        attend.packed = lambda qkv_rotated, ck, cv: gqa_cross_attention_packed(qkv_rotated, ck, cv, lengths,
+                                                                               block_sizes=blocks)
+    return attend
 
 
 def _attentions(options: FastPathOptions):
     if options.attention == "pallas":
         return (functools.partial(pallas_prefill_attention, block_rows=options.prefill_block_rows),
-                functools.partial(pallas_suffix_attention, combine=options.cross_attention_combine))
+                functools.partial(pallas_suffix_attention, combine=options.cross_attention_combine,
+                                  qkv=options.cross_attention_qkv))
     return compact_prefix.xla_prefill_attention, denoise_fast.xla_suffix_attention
 
 

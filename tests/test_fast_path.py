@@ -188,6 +188,8 @@ def test_bad_options_are_rejected():
         fast_path.FastPathOptions(cross_attention_combine="cuda")
     with pytest.raises(ValueError, match="prefill_block_rows"):
         fast_path.FastPathOptions(prefill_block_rows=24)
+    with pytest.raises(ValueError, match="cross_attention_qkv"):
+        fast_path.FastPathOptions(cross_attention_qkv="fused")
 
 
 # Non-default options of the fast path, each against the reference (float32, the mixed-rows case): the fused expert
@@ -199,6 +201,7 @@ OPTION_VARIANTS = {
         attention="pallas", fused_expert=denoise_fused.FusedExpertOptions(qkv="pallas", mlp_in="xla", residual="xla")),
     "siglip-pallas": fast_path.FastPathOptions(attention="pallas", vision_attention="pallas", pad_siglip_heads=True),
     "prefill-rows-32": fast_path.FastPathOptions(attention="pallas", prefill_block_rows=32),
+    "cross-attention-split-qkv": fast_path.FastPathOptions(attention="pallas", cross_attention_qkv="split"),
 }
 
 

@@ -18,7 +18,10 @@ from pallas_kernels.gqa_cross_attention import (
     BlockSizes,
     combine_splits,
     gqa_cross_attention,
+    gqa_cross_attention_packed,
+    gqa_cross_attention_packed_reference,
     gqa_cross_attention_reference,
+    unpack_qkv,
 )
 from pi05_jax import gemma
 
@@ -229,6 +232,88 @@ def test_bad_inputs_name_the_shape():
         gqa_cross_attention(q, kp.astype(jnp.bfloat16), vp, lengths, ks, vs)
     with pytest.raises(ValueError, match="split_k"):
         BlockSizes(block_k=64, split_k=96)
+
+
+# --- packed q/k/v (the expert's fused QKV GEMM layout [B,T,K,G+2,H]) -----------------------------------------------
+
+
+def make_packed(batch, slots, heads, kv_heads, head_dim, dtype, tokens=ACTIONS, seed=0):
+    q, kp, vp, ks, vs = make_inputs(batch, slots, heads, kv_heads, head_dim, dtype, tokens=tokens, seed=seed)
+    g = heads // kv_heads
+    qkv = jnp.concatenate([q.reshape(batch, tokens, kv_heads, g, head_dim), ks[:, :, :, None], vs[:, :, :, None]],
+                          axis=3)
+    return qkv, kp, vp, (q, ks, vs)
+
+
+def check_packed(shape, lengths, dtype, block_sizes=None, tokens=ACTIONS, seed=0):
+    qkv, kp, vp, _ = make_packed(len(lengths), **shape, dtype=dtype, tokens=tokens, seed=seed)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    out = gqa_cross_attention_packed(qkv, kp, vp, lengths, block_sizes=block_sizes or BlockSizes(), interpret=True)
+    ref = gqa_cross_attention_packed_reference(qkv, kp, vp, lengths)
+    assert out.shape == (len(lengths), tokens, shape["heads"], shape["head_dim"]) and out.dtype == qkv.dtype
+    np.testing.assert_allclose(as_f32(out), as_f32(ref), **TOL[dtype])
+
+
+def test_unpack_qkv_is_the_concatenation_inverse():
+    qkv, _, _, (q, ks, vs) = make_packed(2, **dict(TINY, kv_heads=2), dtype=jnp.float32, tokens=5)
+    for got, want in zip(unpack_qkv(qkv), (q, ks, vs), strict=True):
+        np.testing.assert_array_equal(as_f32(got), as_f32(want))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("slots,lengths", [(968, [968]), (576, [572, 77]), (968, [1, 0])],
+                         ids=["S968_full", "S576_572_77", "S968_1_0"])
+def test_packed_real_shape(slots, lengths, dtype):
+    check_packed({**REAL, "slots": slots}, lengths, dtype, seed=len(lengths))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("lengths", [[1, 968], [572, 129]], ids=str)
+def test_packed_tiny_config(lengths, dtype):
+    check_packed(TINY, lengths, dtype, seed=7)
+
+
+@pytest.mark.parametrize(
+    "block_sizes",
+    [BlockSizes(combine="pallas"), BlockSizes(block_rows=16, block_k=16, split_k=48),
+     BlockSizes(block_rows=64, block_k=128, split_k=1024)],
+    ids=["pallas_combine", "rows16_k16_split48", "one_prefix_split"])
+def test_packed_block_sizes(block_sizes):
+    check_packed(TINY, [968, 300], jnp.bfloat16, block_sizes=block_sizes, seed=3)
+
+
+@pytest.mark.parametrize(
+    "shape,tokens",
+    [(dict(slots=40, heads=8, kv_heads=2, head_dim=16), 50), (dict(slots=10, heads=4, kv_heads=1, head_dim=32), 3)],
+    ids=["gqa4x2", "small"])
+def test_packed_other_shapes(shape, tokens):
+    check_packed(shape, [shape["slots"], 7], jnp.float32, tokens=tokens, seed=5)
+
+
+def test_packed_equals_the_split_kernel():
+    """Same inputs through both entry points: the packed layout changes where q, k and v are read, not the math."""
+    qkv, kp, vp, (q, ks, vs) = make_packed(2, **REAL, dtype=jnp.bfloat16, seed=9)
+    lengths = jnp.asarray([572, 31], jnp.int32)
+    packed = gqa_cross_attention_packed(qkv, kp, vp, lengths, interpret=True)
+    split = gqa_cross_attention(q, kp, vp, lengths, ks, vs, interpret=True)
+    np.testing.assert_allclose(as_f32(packed), as_f32(split), **TOL[jnp.bfloat16])
+
+
+def test_packed_bad_inputs_name_the_shape():
+    qkv, kp, vp, _ = make_packed(1, slots=32, heads=8, kv_heads=1, head_dim=16, dtype=jnp.float32)
+    lengths = jnp.asarray([3], jnp.int32)
+    with pytest.raises(ValueError, match="qkv.shape"):
+        gqa_cross_attention_packed(qkv[:, :, :, :2], kp, vp, lengths)
+    with pytest.raises(ValueError, match="k_prefix.shape"):
+        gqa_cross_attention_packed(qkv, kp[..., :8], vp[..., :8], lengths)
+    with pytest.raises(ValueError, match="v_prefix.shape"):
+        gqa_cross_attention_packed(qkv, kp, vp[:, :16], lengths)
+    with pytest.raises(ValueError, match="prefix_lengths.shape"):
+        gqa_cross_attention_packed(qkv, kp, vp, lengths[None])
+    with pytest.raises(ValueError, match="dtype"):
+        gqa_cross_attention_packed(qkv, kp.astype(jnp.bfloat16), vp, lengths)
+    with pytest.raises(ValueError, match="single_pass"):
+        gqa_cross_attention_packed(qkv, kp, vp, lengths, block_sizes=SINGLE_PASS)
 
 
 def lower_for_h100(fn, *args):

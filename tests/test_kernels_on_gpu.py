@@ -72,6 +72,19 @@ def test_gqa_cross_attention(slots, lengths, combine):
     assert rel_err(got, gqa.gqa_cross_attention_reference(q, kp, vp, n, ks, vs)) <= TOL[jnp.bfloat16]
 
 
+@pytest.mark.parametrize("combine", ["xla", "pallas"])
+@pytest.mark.parametrize("slots,lengths", [(576, [572]), (968, [968, 77])], ids=["S576", "S968"])
+def test_gqa_cross_attention_packed(slots, lengths, combine):
+    rng = np.random.default_rng(4)
+    b = len(lengths)
+    qkv = normal(rng, (b, 50, 1, 10, 256), 256**-0.5, jnp.bfloat16)
+    kp, vp = normal(rng, (b, slots, 1, 256), 2.0, jnp.bfloat16), normal(rng, (b, slots, 1, 256), 1.0, jnp.bfloat16)
+    n = jnp.asarray(lengths, jnp.int32)
+    got = gqa.gqa_cross_attention_packed(qkv, kp, vp, n, block_sizes=gqa.BlockSizes(combine=combine),
+                                         interpret=False)
+    assert rel_err(got, gqa.gqa_cross_attention_packed_reference(qkv, kp, vp, n)) <= TOL[jnp.bfloat16]
+
+
 @pytest.mark.parametrize("shape,lengths", [((576, 8, 1, 256), [572]), ((256, 16, 16, 128), [256, 256])],
                          ids=["prefill", "siglip"])
 def test_ragged_prefill_attention(shape, lengths):

@@ -18,7 +18,7 @@ import pytest
 from pallas_kernels.ada_norm_matmul import ada_norm_matmul_geglu, ada_norm_matmul_rope
 from pallas_kernels.fp4_matmul import fp4_matmul
 from pallas_kernels.fp8_matmul import fp8_matmul
-from pallas_kernels.gqa_cross_attention import BlockSizes, gqa_cross_attention
+from pallas_kernels.gqa_cross_attention import BlockSizes, gqa_cross_attention, gqa_cross_attention_packed
 from pallas_kernels.matmul_gated_residual import matmul_gated_residual
 from pallas_kernels.ragged_prefill_attention import ragged_prefill_attention
 
@@ -43,6 +43,9 @@ CASES = {
                                                          block_sizes=BlockSizes(combine="pallas")),
         (S((1, 50, 8, 256), BF16), S((1, 576, 1, 256), BF16), S((1, 576, 1, 256), BF16), S((1,), I32),
          S((1, 50, 1, 256), BF16), S((1, 50, 1, 256), BF16))),
+    "gqa_cross_attention_packed (q, k, v read from the QKV GEMM's layout)": (
+        lambda qkv, kp, vp, n: gqa_cross_attention_packed(qkv, kp, vp, n, interpret=False),
+        (S((1, 50, 1, 10, 256), BF16), S((1, 576, 1, 256), BF16), S((1, 576, 1, 256), BF16), S((1,), I32))),
     "ada_norm_matmul_rope": (
         lambda x, g, w, sw, c, s, i: ada_norm_matmul_rope(x, g, w, sw, c, s, group=8, step=i, interpret=False),
         (S((64, 1024), F32), S((10, 1024), F32), S((1024, 10, 2, 128), BF16), S((10, 10, 2, 128), F32),

@@ -137,6 +137,22 @@ def test_fused_gemma_qkv_equals_separate(unstacked):
         assert rel_err(np.asarray(o), np.asarray(r)) <= PACKED_TOL["float32"]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_rotated_packed_qkv_holds_the_same_values(unstacked, dtype):
+    """gemma.qkv_packed_rotated (the layout the packed cross-attention reads) vs gemma.qkv_packed's three arrays:
+    bit for bit, since RoPE and the q scale act per element of a slot."""
+    attn = unstacked["PaliGemma"]["llm"]["layers"][0]["attn"]
+    w = weight_packing.fuse_gemma_qkv_weights(attn["q_einsum_1"]["w"], attn["kv_einsum_1"]["w"]).astype(dtype)
+    d, kh, g2, _ = w.shape
+    x = jax.random.normal(jax.random.key(4), (2, 7, d), jnp.float32).astype(dtype)
+    positions = 11 + jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (2, 7))
+    q, k, v = jax.jit(gemma.qkv_packed)(x, w, positions)
+    packed = jax.jit(gemma.qkv_packed_rotated)(x, w, positions)
+    assert packed.shape == (2, 7, kh, g2, w.shape[3]) and packed.dtype == dtype
+    want = jnp.concatenate([q.reshape(2, 7, kh, g2 - 2, -1), k[:, :, :, None], v[:, :, :, None]], axis=3)
+    np.testing.assert_array_equal(np.asarray(packed.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
 # --- the fast path end to end ---------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Fast-path options timed interleaved on the GPU, so drift and run-to-run noise hit every variant alike.
+
+Each VARIANTS entry is a FastPathOptions; each is prepared once (host plan, packed weights), its one-jit sample
+compiled, then timed the way `pi05 bench` times the total (the specialized jitted sample, host prep excluded,
+block_until_ready): --rounds rounds, each timing --per-round calls of every variant in turn. Reports per variant
+the median and p10 / p90 over all timed calls, the median of its per-round medians, and the actions' cosine /
+relative error against the first variant (full size, random bf16 weights, 2 views + 60 prompt tokens, 10 steps).
+
+    python scripts/gpu_interleaved.py [--rounds 10] [--per-round 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gpu_common import cosine, rel_err, say
+
+from pi05_jax import fast_path
+
+VARIANTS = {
+    "split q/k/v (previous default)": fast_path.FastPathOptions(attention="pallas", cross_attention_qkv="split"),
+    "packed q/k/v (default)": fast_path.FastPathOptions(attention="pallas"),
+    "packed + Pallas combine": fast_path.FastPathOptions(attention="pallas", cross_attention_combine="pallas"),
+    "split q/k/v, again": fast_path.FastPathOptions(attention="pallas", cross_attention_qkv="split", bucket_size=64),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="full")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--per-round", type=int, default=10)
+    args = ap.parse_args()
+    from pi05_jax.bench.selection import Selection, build
+    from pi05_jax.commands.common import Progress
+    from pi05_jax.config import preset
+    from pi05_jax.synthetic import synthetic_noise
+
+    say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    sel = Selection(config=preset(args.preset), source=f"preset:{args.preset}", checkpoint=None, preset=args.preset,
+                    views=2, prompt_len=60, steps=10, batch=1, dtype="bfloat16", kernels=("pallas",), runs=1,
+                    device="auto", platform=jax.default_backend(), seed=0)
+    built = build(sel, Progress())
+    noise = jnp.asarray(synthetic_noise(sel.config, seed=0))
+    steps = sel.steps
+    runs = {}
+    for i, (label, options) in enumerate(VARIANTS.items()):
+        impl = fast_path.make_implementation(f"interleaved{i}", options)
+        prepared, plan = impl.prepare(built.params, built.obs, steps)
+        fn = jax.jit(impl.specialize(plan).sample, static_argnums=3)
+        t = time.perf_counter()
+        actions = np.asarray(jax.block_until_ready(fn(prepared, built.obs, noise, steps)), np.float32)
+        say(f"{label}: compiled and ran in {time.perf_counter() - t:.1f} s")
+        for _ in range(3):
+            jax.block_until_ready(fn(prepared, built.obs, noise, steps))
+        runs[label] = (fn, prepared, actions, [], [])
+    for _ in range(args.rounds):
+        for fn, prepared, _, times, medians in runs.values():
+            mine = []
+            for _ in range(args.per_round):
+                t = time.perf_counter()
+                jax.block_until_ready(fn(prepared, built.obs, noise, steps))
+                mine.append(time.perf_counter() - t)
+            times.extend(mine)
+            medians.append(float(np.median(mine)))
+    first = None
+    for label, (_, _, actions, times, medians) in runs.items():
+        ts = np.sort(np.asarray(times)) * 1e3
+        line = (f"{label:32s} median {np.median(ts):6.2f} ms [p10 {np.percentile(ts, 10):.2f} - p90 "
+                f"{np.percentile(ts, 90):.2f}]  median of round medians {np.median(medians) * 1e3:6.2f}  "
+                f"({len(ts)} calls)")
+        if first is None:
+            first = actions
+        else:
+            line += f"  vs first: cos {cosine(actions, first):.6f} rel {rel_err(actions, first):.1e}"
+        say(line)
+
+
+if __name__ == "__main__":
+    main()
