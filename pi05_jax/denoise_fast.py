@@ -108,7 +108,7 @@ def xla_suffix_attention(lengths):
     return attend
 
 
-def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend):
+def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend, mlp=gemma.feed_forward):
     """One action-expert layer, the body of `gemma.expert_forward` (same ops in the same order; a layer with a fused
     QKV weight runs the same elementwise ops on one GEMM's output)."""
     s1, sh1, g1 = mods_attn
@@ -126,10 +126,11 @@ def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend):
         o = attend(q, ck, cv, k, v)
     x = x + weight_einsum("BTNH,NHD->BTD", o, attn["attn_vec_einsum_1"]["w"]) * g1
     h = gemma.ada_rms_norm(x, s2, sh2)
-    return x + gemma.feed_forward(h, p["mlp_1"]) * g2
+    return x + mlp(h, p["mlp_1"]) * g2
 
 
-def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_layers: bool):
+def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_layers: bool,
+                   mlp=gemma.feed_forward):
     """`gemma.expert_forward` with the layer loop either a lax.scan (one loop body) or unrolled in Python.
 
     Unstacked layers (pi05_jax.layer_stack) are always unrolled: every layer's weights and KV cache are their own
@@ -139,7 +140,7 @@ def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_l
     # selection does not know); stacked: the expert's keys only
     lp = lp if layer_stack.is_unstacked(lp) else gemma.expert_layers(llm_params)
     if not unroll_layers and not layer_stack.is_unstacked(lp):
-        return gemma.expert_forward(llm_params, x, mods, kv_cache, positions, attend)
+        return gemma.expert_forward(llm_params, x, mods, kv_cache, positions, attend)  # stacked: never packed
     cache_k, cache_v = kv_cache
     depth = layer_stack.num_layers(lp)
     if len(cache_k) != depth or len(cache_v) != depth:
@@ -149,7 +150,7 @@ def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_l
     mods_attn, mods_ffw = (layer_stack.split_layers(mods[k], depth) for k in ("attn", "ffw"))
     for layer in range(depth):
         x = _expert_layer(x, layers[layer], cache_k[layer], cache_v[layer], mods_attn[layer], mods_ffw[layer],
-                          positions, attend)
+                          positions, attend, mlp)
     s, sh, _ = mods["final"]
     return gemma.ada_rms_norm(x, s, sh)
 
@@ -162,7 +163,8 @@ def default_unroll_steps(params) -> bool:
 
 
 def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_attention=xla_suffix_attention,
-            unroll_steps: bool | None = None, unroll_layers: bool = False, step_unroll: int = 1):
+            unroll_steps: bool | None = None, unroll_layers: bool = False, step_unroll: int = 1,
+            expert_mlp=gemma.feed_forward):
     """Upstream's Euler loop x <- x + dt * v(x, t) from noise [B,T,A] (float32) -> actions [B,T,A] float32.
 
     `suffix_attention(lengths)` returns the per-layer attention `(q, k_prefix, v_prefix, k_self, v_self) -> out`;
@@ -171,7 +173,8 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
     Steps are unrolled (a Python loop over the known times: one straight-line executable) or a fori_loop (None:
     `default_unroll_steps`); the expert's layers are a lax.scan or, with `unroll_layers` or unstacked layers,
     unrolled (more code, no loop bookkeeping, no per-layer weight slices). `step_unroll` > 1 unrolls that many steps
-    per iteration of the fori_loop (fewer loop iterations, each a longer straight-line body)."""
+    per iteration of the fori_loop (fewer loop iterations, each a longer straight-line body). `expert_mlp(h, mlp)`
+    computes each unstacked layer's MLP (gemma.feed_forward, or the fast path's Pallas GeGLU on packed weights)."""
     if step_unroll < 1:
         raise ValueError(f"step_unroll must be >= 1, got {step_unroll=}")
     if unroll_steps is None:
@@ -188,7 +191,7 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
     def step(x, i):
         tokens = promoted_dense(x, params["action_in_proj"]["kernel"], params["action_in_proj"]["bias"])
         out = expert_forward(llm, tokens.astype(dtype), _step_modulations(table, i), prefix.kv, positions, attend,
-                             unroll_layers=unroll_layers)
+                             unroll_layers=unroll_layers, mlp=expert_mlp)
         v = promoted_dense(out, params["action_out_proj"]["kernel"], params["action_out_proj"]["bias"])
         return x + dt * v
 

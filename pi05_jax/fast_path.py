@@ -41,10 +41,12 @@ from pallas_kernels.gqa_cross_attention import COMBINES
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
 from pi05_jax.fused_expert_options import FusedExpertOptions
+from pi05_jax.weights import weight_einsum
 
 ATTENTIONS = ("xla", "pallas")
 VISION_ATTENTIONS = ("xla", "pallas")
 CROSS_ATTENTION_QKV = ("packed", "split")
+EXPERT_GEGLU = ("pallas", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,10 @@ class FastPathOptions:
     # from the GEMM's [B,T,K,G+2,H] layout, gqa_cross_attention_packed: one XLA fusion for RoPE and the q scale) or
     # "split" (q, k and v sliced out first: three fusions)
     cross_attention_qkv: str = "packed"
+    # the expert's gate/up GEMM + GeGLU with attention="pallas": "pallas" (pallas_kernels.skinny_matmul.geglu_matmul
+    # on a transposed copy of gating_einsum made by prepare, weight_packing.PackOptions.transpose_expert_gating) or
+    # "xla" (XLA's GEMM on openpi's layout, then the GeGLU fusion). attention="xla" always runs XLA's.
+    expert_geglu: str = "pallas"
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (see compact_prefix.DEFAULT_BUCKET_SIZE)
     # Euler steps as straight-line code (True) or a lax.fori_loop (False); None: a fori_loop on unstacked layers (its
     # weights are loop invariants; 18 layer bodies to compile, not 180), unrolled on stacked ones (the old default).
@@ -93,6 +99,8 @@ class FastPathOptions:
         if self.cross_attention_qkv not in CROSS_ATTENTION_QKV:
             raise ValueError(f"cross_attention_qkv must be one of {CROSS_ATTENTION_QKV}, got "
                              f"{self.cross_attention_qkv!r}")
+        if self.expert_geglu not in EXPERT_GEGLU:
+            raise ValueError(f"expert_geglu must be one of {EXPERT_GEGLU}, got {self.expert_geglu!r}")
         if self.cross_attention_combine not in COMBINES:
             raise ValueError(f"cross_attention_combine must be one of {COMBINES}, got {self.cross_attention_combine!r}")
         if self.prefill_block_rows < 16 or self.prefill_block_rows & (self.prefill_block_rows - 1):
@@ -104,7 +112,13 @@ class FastPathOptions:
     def pack_options(self) -> weight_packing.PackOptions:
         return weight_packing.PackOptions(
             fuse_gemma_qkv=self.fuse_gemma_qkv, fuse_siglip_qkv=self.fuse_siglip_qkv,
-            pad_siglip_mlp=self.pad_siglip_mlp, pad_siglip_heads=self.pad_siglip_heads, pad_multiple=self.pad_multiple)
+            pad_siglip_mlp=self.pad_siglip_mlp, pad_siglip_heads=self.pad_siglip_heads, pad_multiple=self.pad_multiple,
+            transpose_expert_gating=self.pallas_geglu)
+
+    @property
+    def pallas_geglu(self) -> bool:
+        """Whether the expert's GeGLU runs the Pallas kernel (the fused expert reads openpi's gating layout)."""
+        return self.attention == "pallas" and self.expert_geglu == "pallas" and self.fused_expert is None
 
 
 # --- attention callables ------------------------------------------------------------------------------------------
@@ -136,6 +150,19 @@ def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed"):
         attend.packed = lambda qkv_rotated, ck, cv: gqa_cross_attention_packed(qkv_rotated, ck, cv, lengths,
                                                                                block_sizes=blocks)
     return attend
+
+
+def pallas_expert_mlp(h, mlp):
+    """gemma.feed_forward with the gate/up GEMM and GeGLU in pallas_kernels.skinny_matmul.geglu_matmul when the
+    layer holds the transposed gating weight (weight_packing); otherwise (e.g. quantized) gemma.feed_forward."""
+    from pallas_kernels.skinny_matmul import geglu_matmul
+
+    w_t = mlp.get("gating_einsum_t")
+    if w_t is None:
+        return gemma.feed_forward(h, mlp)
+    b, t, d = h.shape
+    hidden = geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype)).reshape(b, t, -1)
+    return weight_einsum("BTF,FD->BTD", hidden, mlp["linear"])
 
 
 def _attentions(options: FastPathOptions):
@@ -181,7 +208,8 @@ def denoise(params, prefix, noise, num_steps, *, options: FastPathOptions):
                                      options=options.fused_expert)
     return denoise_fast.denoise(params, prefix, noise, num_steps, suffix_attention=_attentions(options)[1],
                                 unroll_steps=options.unroll_steps, unroll_layers=options.unroll_layers,
-                                step_unroll=options.step_unroll)
+                                step_unroll=options.step_unroll,
+                                expert_mlp=pallas_expert_mlp if options.pallas_geglu else gemma.feed_forward)
 
 
 def make_implementation(name: str, options: FastPathOptions, description: str = "") -> sampler.Implementation:

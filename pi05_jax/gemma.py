@@ -99,8 +99,12 @@ def _kv(x, attn, suffix, positions):
 
 
 def feed_forward(x, mlp):
-    """GeGLU MLP: gelu(x W_gate) * (x W_up) -> W_down."""
-    gate, up = weight_einsum("BTD,CDF->CBTF", x, mlp["gating_einsum"])
+    """GeGLU MLP: gelu(x W_gate) * (x W_up) -> W_down. The gating weight is openpi's `gating_einsum` [2, D, F] or
+    pi05_jax.weight_packing's transposed copy `gating_einsum_t` [2, F, D] (the same products)."""
+    if "gating_einsum_t" in mlp:
+        gate, up = jnp.einsum("BTD,CFD->CBTF", x, mlp["gating_einsum_t"].astype(x.dtype))
+    else:
+        gate, up = weight_einsum("BTD,CDF->CBTF", x, mlp["gating_einsum"])
     return weight_einsum("BTF,FD->BTD", gelu_tanh(gate) * up, mlp["linear"])
 
 

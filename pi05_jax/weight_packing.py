@@ -12,6 +12,9 @@ once per checkpoint so the fast path's layers launch fewer and better-shaped GEM
 - SigLIP MLP padding: mlp_dim F -> the next multiple of `pad_multiple` (4304 -> 4352) with zero columns in
   Dense_0 kernel/bias and zero rows in Dense_1's kernel: a padded unit is gelu(0 + 0) = 0 and adds 0 * 0 to every
   output, so the result is exact (up to accumulation order) and every GEMM tile is whole. Same keys, same code.
+- Expert gating transpose (the `pallas` fast path's default, off in PackOptions): the expert's `gating_einsum`
+  [2, D, F] stored transposed as `gating_einsum_t` [2, F, D], the layout `pallas_kernels.skinny_matmul.geglu_matmul`
+  streams. The same numbers in another order: exact. `gemma.feed_forward` reads either key.
 - SigLIP head padding (default off): the fused q/k/v heads H -> the next multiple of `pad_multiple` (72 -> 128) with
   zero columns. Padded q and k columns add 0 to every logit; padded v columns give zero outputs that are sliced away
   before the out projection; queries are still scaled by 1/sqrt(original H). Needs the QKV fusion.
@@ -45,6 +48,7 @@ class PackOptions:
     pad_siglip_mlp: bool = True
     pad_siglip_heads: bool = False  # needs fuse_siglip_qkv
     pad_multiple: int = 128  # SigLIP mlp_dim and (if padded) head_dim round up to this
+    transpose_expert_gating: bool = False  # expert gating_einsum [2, D, F] -> gating_einsum_t [2, F, D]
 
     def __post_init__(self):
         if self.pad_multiple < 1:
@@ -54,7 +58,7 @@ class PackOptions:
 
     @property
     def any(self) -> bool:
-        return self.fuse_gemma_qkv or self.fuse_siglip_qkv or self.pad_siglip_mlp
+        return self.fuse_gemma_qkv or self.fuse_siglip_qkv or self.pad_siglip_mlp or self.transpose_expert_gating
 
 
 def is_array(w) -> bool:
@@ -101,16 +105,32 @@ def _pack_gemma_stream(attn: dict, suffix: str) -> dict:
     return out
 
 
-def pack_gemma_layers(layers: tuple) -> tuple:
-    """Every layer's q/kv fused, both streams; the prefix stream of the last layer is kept (it computes KV only)."""
+def _transpose_gating(mlp: dict) -> dict:
+    w = mlp.get("gating_einsum")
+    if w is None or not is_array(w):
+        return mlp  # quantized (or already transposed): the unpacked path
+    out = {k: v for k, v in mlp.items() if k != "gating_einsum"}
+    out["gating_einsum_t"] = jnp.swapaxes(jnp.asarray(w), 1, 2)
+    return out
+
+
+def pack_gemma_layers(layers: tuple, *, fuse_qkv: bool = True, transpose_expert_gating: bool = False) -> tuple:
+    """Every layer's q/kv fused, both streams (the prefix stream of the last layer is kept: it computes KV only);
+    with transpose_expert_gating, the expert's gating_einsum stored [2, F, D] as `gating_einsum_t` (the Pallas
+    GeGLU matmul reads each program's output columns as one contiguous slab: pallas_kernels.skinny_matmul)."""
     out = []
     for i, layer in enumerate(layers):
-        attn = layer["attn"]
-        for suffix in GEMMA_STREAMS:
-            if suffix == "" and i == len(layers) - 1:
-                continue
-            attn = _pack_gemma_stream(attn, suffix)
-        out.append({**layer, "attn": attn})
+        layer = dict(layer)
+        if fuse_qkv:
+            attn = layer["attn"]
+            for suffix in GEMMA_STREAMS:
+                if suffix == "" and i == len(layers) - 1:
+                    continue
+                attn = _pack_gemma_stream(attn, suffix)
+            layer["attn"] = attn
+        if transpose_expert_gating and "mlp_1" in layer:
+            layer["mlp_1"] = _transpose_gating(layer["mlp_1"])
+        out.append(layer)
     return tuple(out)
 
 
@@ -168,8 +188,9 @@ def pack_weights(params, options: PackOptions = PackOptions()) -> dict:
     paths; all other leaves shared). Stacked layer groups are returned unchanged (the packed code runs per layer)."""
     llm = layer_stack._get(params, layer_stack.LLM_PATH)
     img = layer_stack._get(params, layer_stack.IMG_PATH)
-    if options.fuse_gemma_qkv and layer_stack.is_unstacked(llm):
-        params = layer_stack._replace(params, layer_stack.LLM_PATH, pack_gemma_layers(llm))
+    if (options.fuse_gemma_qkv or options.transpose_expert_gating) and layer_stack.is_unstacked(llm):
+        params = layer_stack._replace(params, layer_stack.LLM_PATH, pack_gemma_layers(
+            llm, fuse_qkv=options.fuse_gemma_qkv, transpose_expert_gating=options.transpose_expert_gating))
     if (options.fuse_siglip_qkv or options.pad_siglip_mlp) and layer_stack.is_unstacked(img):
         params = layer_stack._replace(params, layer_stack.IMG_PATH, pack_siglip_layers(img, options))
     return params

@@ -28,10 +28,12 @@ from gpu_common import cosine, rel_err, say
 from pi05_jax import fast_path
 
 VARIANTS = {
-    "split q/k/v (previous default)": fast_path.FastPathOptions(attention="pallas", cross_attention_qkv="split"),
-    "packed q/k/v (default)": fast_path.FastPathOptions(attention="pallas"),
-    "packed + Pallas combine": fast_path.FastPathOptions(attention="pallas", cross_attention_combine="pallas"),
-    "split q/k/v, again": fast_path.FastPathOptions(attention="pallas", cross_attention_qkv="split", bucket_size=64),
+    "split q/k/v, XLA GeGLU (session 2 default)": fast_path.FastPathOptions(
+        attention="pallas", cross_attention_qkv="split", expert_geglu="xla"),
+    "packed q/k/v, XLA GeGLU": fast_path.FastPathOptions(attention="pallas", expert_geglu="xla"),
+    "packed q/k/v, Pallas GeGLU (default)": fast_path.FastPathOptions(attention="pallas"),
+    "split q/k/v, XLA GeGLU, again": fast_path.FastPathOptions(
+        attention="pallas", cross_attention_qkv="split", expert_geglu="xla", bucket_size=64),
 }
 
 
@@ -76,7 +78,7 @@ def main():
     first = None
     for label, (_, _, actions, times, medians) in runs.items():
         ts = np.sort(np.asarray(times)) * 1e3
-        line = (f"{label:32s} median {np.median(ts):6.2f} ms [p10 {np.percentile(ts, 10):.2f} - p90 "
+        line = (f"{label:42s} median {np.median(ts):6.2f} ms [p10 {np.percentile(ts, 10):.2f} - p90 "
                 f"{np.percentile(ts, 90):.2f}]  median of round medians {np.median(medians) * 1e3:6.2f}  "
                 f"({len(ts)} calls)")
         if first is None:

@@ -7,7 +7,7 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
 echo "=== kernels on the card (packed cross-attention)"
-timeout 120 python3 -m pytest -q -m gpu tests/test_kernels_on_gpu.py -k "gqa" 2>&1 | tail -3
+timeout 120 python3 -m pytest -q -m gpu tests/test_kernels_on_gpu.py -k "gqa or skinny or geglu" 2>&1 | tail -3
 echo "=== interleaved variants"
 timeout 300 python3 scripts/gpu_interleaved.py --rounds 10 --per-round 10 2>&1 | tee "$out/interleaved.log"
 echo "=== profile pallas --no-cuda-graphs"

@@ -188,6 +188,8 @@ def test_bad_options_are_rejected():
         fast_path.FastPathOptions(cross_attention_combine="cuda")
     with pytest.raises(ValueError, match="prefill_block_rows"):
         fast_path.FastPathOptions(prefill_block_rows=24)
+    with pytest.raises(ValueError, match="expert_geglu"):
+        fast_path.FastPathOptions(expert_geglu="cuda")
     with pytest.raises(ValueError, match="cross_attention_qkv"):
         fast_path.FastPathOptions(cross_attention_qkv="fused")
 
@@ -202,6 +204,7 @@ OPTION_VARIANTS = {
     "siglip-pallas": fast_path.FastPathOptions(attention="pallas", vision_attention="pallas", pad_siglip_heads=True),
     "prefill-rows-32": fast_path.FastPathOptions(attention="pallas", prefill_block_rows=32),
     "cross-attention-split-qkv": fast_path.FastPathOptions(attention="pallas", cross_attention_qkv="split"),
+    "expert-geglu-xla": fast_path.FastPathOptions(attention="pallas", expert_geglu="xla"),
 }
 
 

@@ -13,6 +13,7 @@ from pallas_kernels import ada_norm_matmul as anm
 from pallas_kernels import gqa_cross_attention as gqa
 from pallas_kernels import matmul_gated_residual as mgr
 from pallas_kernels import ragged_prefill_attention as rpa
+from pallas_kernels import skinny_matmul as skinny
 
 pytestmark = pytest.mark.gpu
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -83,6 +84,26 @@ def test_gqa_cross_attention_packed(slots, lengths, combine):
     got = gqa.gqa_cross_attention_packed(qkv, kp, vp, n, block_sizes=gqa.BlockSizes(combine=combine),
                                          interpret=False)
     assert rel_err(got, gqa.gqa_cross_attention_packed_reference(qkv, kp, vp, n)) <= TOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("m", [50, 100], ids=["batch1", "batch2"])
+def test_geglu_matmul(m):
+    rng = np.random.default_rng(5)
+    x = normal(rng, (m, 1024), 1.0, jnp.bfloat16)
+    w_t = normal(rng, (2, 4096, 1024), 1024**-0.5, jnp.bfloat16)
+    got = skinny.geglu_matmul(x, w_t, interpret=False)
+    # bf16 output of float32 sums rounded to bf16 before the GeGLU (upstream's rounding): a few bf16 ulps at most
+    assert rel_err(got, skinny.geglu_matmul_reference(x, w_t)) <= TOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("k,n,splits", [(4096, 1024, 8), (2048, 1024, 4), (1024, 2560, 2)],
+                         ids=["down", "attn_out", "qkv"])
+def test_skinny_matmul(k, n, splits):
+    rng = np.random.default_rng(6)
+    x = normal(rng, (50, k), 1.0, jnp.bfloat16)
+    w_t = normal(rng, (n, k), k**-0.5, jnp.bfloat16)
+    got = skinny.skinny_matmul(x, w_t, k_splits=splits, interpret=False)
+    assert rel_err(got, skinny.skinny_matmul_reference(x, w_t, k_splits=splits)) <= 1e-5
 
 
 @pytest.mark.parametrize("shape,lengths", [((576, 8, 1, 256), [572]), ((256, 16, 16, 128), [256, 256])],

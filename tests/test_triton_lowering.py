@@ -21,6 +21,7 @@ from pallas_kernels.fp8_matmul import fp8_matmul
 from pallas_kernels.gqa_cross_attention import BlockSizes, gqa_cross_attention, gqa_cross_attention_packed
 from pallas_kernels.matmul_gated_residual import matmul_gated_residual
 from pallas_kernels.ragged_prefill_attention import ragged_prefill_attention
+from pallas_kernels.skinny_matmul import geglu_matmul, skinny_matmul
 
 S = jax.ShapeDtypeStruct
 BF16, F32, I32 = jnp.bfloat16, jnp.float32, jnp.int32
@@ -46,6 +47,12 @@ CASES = {
     "gqa_cross_attention_packed (q, k, v read from the QKV GEMM's layout)": (
         lambda qkv, kp, vp, n: gqa_cross_attention_packed(qkv, kp, vp, n, interpret=False),
         (S((1, 50, 1, 10, 256), BF16), S((1, 576, 1, 256), BF16), S((1, 576, 1, 256), BF16), S((1,), I32))),
+    "geglu_matmul (expert gate/up + GeGLU, transposed weight)": (
+        lambda x, w: geglu_matmul(x, w, interpret=False),
+        (S((50, 1024), BF16), S((2, 4096, 1024), BF16))),
+    "skinny_matmul (expert down projection, 8 K splits)": (
+        lambda x, w: skinny_matmul(x, w, k_splits=8, interpret=False),
+        (S((50, 4096), BF16), S((1024, 4096), BF16))),
     "ada_norm_matmul_rope": (
         lambda x, g, w, sw, c, s, i: ada_norm_matmul_rope(x, g, w, sw, c, s, group=8, step=i, interpret=False),
         (S((64, 1024), F32), S((10, 1024), F32), S((1024, 10, 2, 128), BF16), S((10, 10, 2, 128), F32),

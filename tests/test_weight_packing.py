@@ -153,6 +153,23 @@ def test_rotated_packed_qkv_holds_the_same_values(unstacked, dtype):
     np.testing.assert_array_equal(np.asarray(packed.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
 
+def test_transposed_expert_gating_runs_the_same_mlp(unstacked):
+    """PackOptions.transpose_expert_gating: only the expert's gating weight moves (to gating_einsum_t [2, F, D]);
+    gemma.feed_forward on either layout and the fast path's Pallas GeGLU agree."""
+    packed = weight_packing.pack_weights(unstacked, weight_packing.PackOptions(
+        fuse_gemma_qkv=False, fuse_siglip_qkv=False, pad_siglip_mlp=False, transpose_expert_gating=True))
+    before = unstacked["PaliGemma"]["llm"]["layers"][0]
+    after = packed["PaliGemma"]["llm"]["layers"][0]
+    assert "gating_einsum" not in after["mlp_1"] and after["mlp"] is before["mlp"]  # the prefix MLP is untouched
+    np.testing.assert_array_equal(np.asarray(after["mlp_1"]["gating_einsum_t"]),
+                                  np.swapaxes(np.asarray(before["mlp_1"]["gating_einsum"]), 1, 2))
+    d = before["mlp_1"]["gating_einsum"].shape[1]
+    h = jax.random.normal(jax.random.key(5), (2, 7, d), jnp.float32)
+    want = gemma.feed_forward(h, before["mlp_1"])
+    for got in (gemma.feed_forward(h, after["mlp_1"]), fast_path.pallas_expert_mlp(h, after["mlp_1"])):
+        assert rel_err(np.asarray(got), np.asarray(want)) <= PACKED_TOL["float32"]
+
+
 # --- the fast path end to end ---------------------------------------------------------------------------------------
 
 
