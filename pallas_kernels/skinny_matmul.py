@@ -15,7 +15,8 @@ one contiguous slab (block_n * K * 2 bytes), streamed front to back over its K l
   (upstream's rounding: each product rounded to x's dtype before the GeGLU); no K split (the GeGLU needs whole
   sums), N / block_n programs.
 
-Rows past M (the 64-row block over 50 tokens) are masked on load and store; no padded copies. float32 accumulation;
+Rows past M (the 64-row block over 50 tokens) are masked on load and store; no padded copies. More rows than
+block_m (batches) add row blocks on a second grid axis, each streaming the weights again. float32 accumulation;
 float32 inputs use exact (non-TF32) dots. On the CPU the kernels run in Pallas interpret mode.
 """
 
@@ -34,18 +35,26 @@ from pallas_kernels._interpret import resolve_interpret
 from pallas_kernels._tiles import check_pow2_fields, pow2_at_least, triton_params
 from pallas_kernels.ragged_prefill_attention import dot_precision
 
+# Shared memory the pipelined K loop may take (num_stages copies of the x and w tiles); the H100/H200 allow 227 KiB
+# per block. block_k halves until the tiles fit. Measured on the H200: the default tiles at M = 50 (3 x 192 KiB /
+# 3 = 192 KiB) launch; at M = 100 (128-row blocks, 288 KiB by this count) Triton asked for 256 KiB and failed.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
 
 @dataclasses.dataclass(frozen=True)
 class SkinnyBlockSizes:
-    """Tiles (powers of two; block_k is clamped to the K each program sees)."""
+    """Tiles (powers of two). block_m caps the rows per program (M = 50 is one 64-row block; more rows add programs
+    along a second grid axis); block_k is clamped to the K each program sees and halved until num_stages copies of
+    the tiles fit SHARED_MEMORY_BUDGET (batch 2's 128-row blocks and float32 inputs need smaller K steps)."""
 
+    block_m: int = 128
     block_n: int = 32  # output columns per program: a contiguous [block_n, K] slab of w_t
     block_k: int = 256  # contracted elements per inner step
     num_warps: int = 4
     num_stages: int = 3
 
     def __post_init__(self):
-        check_pow2_fields(self, ("block_n", "block_k"))
+        check_pow2_fields(self, ("block_m", "block_n", "block_k"))
         if self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"need num_warps, num_stages >= 1; got {self.num_warps=}, {self.num_stages=}")
 
@@ -56,32 +65,35 @@ def _gelu_tanh(x):
 
 
 def _accumulate(x_ref, w_refs, *, m, bm, bk, k_steps, k_start, precision):
-    """sum over this program's K range of x[:, k] @ w[:, k]^T for each w ref ([bn, K_range]); float32 [bm, bn]."""
-    row_ok = (jnp.arange(bm) < m)[:, None]
+    """sum over this program's K range of x[rows, k] @ w[:, k]^T for each w ref ([bn, K_range]), rows the block of
+    grid axis 1; float32 [bm, bn] each, and the row-validity mask of the block."""
+    row_start = pl.program_id(1) * bm
+    row_ok = (row_start + jnp.arange(bm) < m)[:, None]
+    rows = pl.ds(row_start, bm)
 
     def k_step(i, accs):
         local = pl.multiple_of(i * bk, bk)
-        xt = plgpu_triton.load(x_ref.at[pl.ds(0, bm), pl.ds(k_start + local, bk)], mask=row_ok, other=0.0)
+        xt = plgpu_triton.load(x_ref.at[rows, pl.ds(k_start + local, bk)], mask=row_ok, other=0.0)
         return tuple(acc + plgpu_triton.dot(xt, w_ref[:, pl.ds(local, bk)], trans_b=True, precision=precision)
                      for acc, w_ref in zip(accs, w_refs, strict=True))
 
     zeros = jnp.zeros((bm, w_refs[0].shape[0]), jnp.float32)
-    return lax.fori_loop(0, k_steps, k_step, tuple(zeros for _ in w_refs)), row_ok
+    return lax.fori_loop(0, k_steps, k_step, tuple(zeros for _ in w_refs)), row_ok, rows
 
 
 def _split_kernel(x_ref, w_ref, o_ref, *, m, bm, bk, k_steps, precision):
-    k_start = pl.program_id(1) * (k_steps * bk)
-    (acc,), row_ok = _accumulate(x_ref, (w_ref,), m=m, bm=bm, bk=bk, k_steps=k_steps, k_start=k_start,
-                                 precision=precision)
-    plgpu_triton.store(o_ref.at[pl.ds(0, bm), :], acc, mask=row_ok)
+    k_start = pl.program_id(2) * (k_steps * bk)
+    (acc,), row_ok, rows = _accumulate(x_ref, (w_ref,), m=m, bm=bm, bk=bk, k_steps=k_steps, k_start=k_start,
+                                       precision=precision)
+    plgpu_triton.store(o_ref.at[rows, :], acc, mask=row_ok)
 
 
 def _geglu_kernel(x_ref, wg_ref, wu_ref, o_ref, *, m, bm, bk, k_steps, precision, dtype):
-    (gate, up), row_ok = _accumulate(x_ref, (wg_ref, wu_ref), m=m, bm=bm, bk=bk, k_steps=k_steps, k_start=0,
-                                     precision=precision)
+    (gate, up), row_ok, rows = _accumulate(x_ref, (wg_ref, wu_ref), m=m, bm=bm, bk=bk, k_steps=k_steps, k_start=0,
+                                           precision=precision)
     gate = gate.astype(dtype).astype(jnp.float32)  # upstream rounds each einsum's output to the model dtype
     up = up.astype(dtype).astype(jnp.float32)
-    plgpu_triton.store(o_ref.at[pl.ds(0, bm), :], (_gelu_tanh(gate) * up).astype(o_ref.dtype), mask=row_ok)
+    plgpu_triton.store(o_ref.at[rows, :], (_gelu_tanh(gate) * up).astype(o_ref.dtype), mask=row_ok)
 
 
 def _check(x, w_t, name):
@@ -93,17 +105,23 @@ def _check(x, w_t, name):
         raise ValueError(f"x and {name} must share a dtype; got {x.dtype=}, {w_t.dtype=}")
 
 
-def _tiles(m, k, n, bs: SkinnyBlockSizes, k_splits: int):
+def _tiles(m, k, n, bs: SkinnyBlockSizes, k_splits: int, *, weights: int, itemsize: int):
+    """(block_m, block_n, block_k, K steps per program) for `weights` weight tiles per K step."""
     if k_splits < 1 or k % k_splits:
         raise ValueError(f"k_splits must divide K; got {k_splits=}, K={k}")
     bn = min(bs.block_n, n)
+    while bn > 16 and n % bn:  # the largest power of two <= block_n that divides N (e.g. 32 for N = 160)
+        bn //= 2
     if n % bn:
         raise ValueError(f"N={n} must be a multiple of block_n={bn}")
+    bm = min(bs.block_m, pow2_at_least(m, 16))
     per_split = k // k_splits
     bk = min(bs.block_k, per_split)
+    while bk > 16 and bs.num_stages * (bm + weights * bn) * bk * itemsize > SHARED_MEMORY_BUDGET:
+        bk //= 2
     if per_split % bk or bk < 16:
         raise ValueError(f"each K split ({per_split}) must be a multiple of block_k={bk} (>= 16)")
-    return pow2_at_least(m, 16), bn, bk, per_split // bk
+    return bm, bn, bk, per_split // bk
 
 
 def skinny_matmul(x: jax.Array, w_t: jax.Array, *, k_splits: int = 1, block_sizes: SkinnyBlockSizes | None = None,
@@ -115,14 +133,14 @@ def skinny_matmul(x: jax.Array, w_t: jax.Array, *, k_splits: int = 1, block_size
     m, k = x.shape
     n = w_t.shape[0]
     bs = block_sizes or SkinnyBlockSizes()
-    bm, bn, bk, k_steps = _tiles(m, k, n, bs, k_splits)
+    bm, bn, bk, k_steps = _tiles(m, k, n, bs, k_splits, weights=1, itemsize=x.dtype.itemsize)
     kernel = functools.partial(_split_kernel, m=m, bm=bm, bk=bk, k_steps=k_steps, precision=dot_precision(x.dtype))
     return pl.pallas_call(
         kernel,
-        grid=(n // bn, k_splits),
-        in_specs=[pl.BlockSpec((m, k), lambda j, s: (0, 0)),
-                  pl.BlockSpec((bn, k // k_splits), lambda j, s: (j, s))],
-        out_specs=pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)),
+        grid=(n // bn, pl.cdiv(m, bm), k_splits),
+        in_specs=[pl.BlockSpec((m, k), lambda j, i, s: (0, 0)),
+                  pl.BlockSpec((bn, k // k_splits), lambda j, i, s: (j, s))],
+        out_specs=pl.BlockSpec((None, m, bn), lambda j, i, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32),
         compiler_params=triton_params(bs),
         interpret=resolve_interpret(interpret),
@@ -149,16 +167,16 @@ def geglu_matmul(x: jax.Array, w_t: jax.Array, *, block_sizes: SkinnyBlockSizes 
     m, k = x.shape
     f = w_t.shape[1]
     bs = block_sizes or SkinnyBlockSizes()
-    bm, bn, bk, k_steps = _tiles(m, k, f, bs, 1)
+    bm, bn, bk, k_steps = _tiles(m, k, f, bs, 1, weights=2, itemsize=x.dtype.itemsize)
     kernel = functools.partial(_geglu_kernel, m=m, bm=bm, bk=bk, k_steps=k_steps, precision=dot_precision(x.dtype),
                                dtype=x.dtype)
     return pl.pallas_call(
         kernel,
-        grid=(f // bn,),
-        in_specs=[pl.BlockSpec((m, k), lambda j: (0, 0)),
-                  pl.BlockSpec((None, bn, k), lambda j: (0, j, 0)),
-                  pl.BlockSpec((None, bn, k), lambda j: (1, j, 0))],
-        out_specs=pl.BlockSpec((m, bn), lambda j: (0, j)),
+        grid=(f // bn, pl.cdiv(m, bm)),
+        in_specs=[pl.BlockSpec((m, k), lambda j, i: (0, 0)),
+                  pl.BlockSpec((None, bn, k), lambda j, i: (0, j, 0)),
+                  pl.BlockSpec((None, bn, k), lambda j, i: (1, j, 0))],
+        out_specs=pl.BlockSpec((m, bn), lambda j, i: (0, j)),
         out_shape=jax.ShapeDtypeStruct((m, f), x.dtype),
         compiler_params=triton_params(bs),
         interpret=resolve_interpret(interpret),

@@ -23,6 +23,9 @@ Axis legend: B batch, T action tokens, A action dim, S prefix len, L layers, D w
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -108,29 +111,53 @@ def xla_suffix_attention(lengths):
     return attend
 
 
-def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend, mlp=gemma.feed_forward):
+def xla_qkv_rotated(h, attn, positions):
+    """The fused QKV GEMM's output with RoPE and the q scale applied ([B,T,K,G+2,H]), or None if the layer's QKV
+    weight is not fused (quantized, or packing off)."""
+    fused = attn.get("qkv_einsum_1")
+    return None if fused is None else gemma.qkv_packed_rotated(h, fused["w"], positions)
+
+
+def xla_attn_out(o, attn):
+    return weight_einsum("BTNH,NHD->BTD", o, attn["attn_vec_einsum_1"]["w"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertMatmuls:
+    """The expert layer's matmuls, swappable (the `pallas` fast path runs its skinny kernels on transposed weights):
+    qkv_rotated(h, attn, positions) -> [B,T,K,G+2,H] or None, attn_out(o, attn) -> [B,T,D], mlp(h, mlp) -> [B,T,D]."""
+
+    qkv_rotated: Callable = xla_qkv_rotated
+    attn_out: Callable = xla_attn_out
+    mlp: Callable = gemma.feed_forward
+
+
+XLA_MATMULS = ExpertMatmuls()
+
+
+def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend, ops: ExpertMatmuls = XLA_MATMULS):
     """One action-expert layer, the body of `gemma.expert_forward` (same ops in the same order; a layer with a fused
     QKV weight runs the same elementwise ops on one GEMM's output)."""
     s1, sh1, g1 = mods_attn
     s2, sh2, g2 = mods_ffw
     attn = p["attn"]
     h = gemma.ada_rms_norm(x, s1, sh1)
-    fused = attn.get("qkv_einsum_1")
     attend_packed = getattr(attend, "packed", None)
-    if fused is not None and attend_packed is not None:
+    qkv = ops.qkv_rotated(h, attn, positions) if attend_packed is not None else None
+    if qkv is not None:
         # the attention reads q, k and v in place from the fused GEMM's layout (gqa_cross_attention_packed)
-        o = attend_packed(gemma.qkv_packed_rotated(h, fused["w"], positions), ck, cv)
+        o = attend_packed(qkv, ck, cv)
     else:
         # fused q/k/v weight (pi05_jax.weight_packing): one GEMM, RoPE on q and k together; else two GEMMs
         q, k, v = gemma.qkv_any(h, attn, "_1", positions)
         o = attend(q, ck, cv, k, v)
-    x = x + weight_einsum("BTNH,NHD->BTD", o, attn["attn_vec_einsum_1"]["w"]) * g1
+    x = x + ops.attn_out(o, attn) * g1
     h = gemma.ada_rms_norm(x, s2, sh2)
-    return x + mlp(h, p["mlp_1"]) * g2
+    return x + ops.mlp(h, p["mlp_1"]) * g2
 
 
 def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_layers: bool,
-                   mlp=gemma.feed_forward):
+                   ops: ExpertMatmuls = XLA_MATMULS):
     """`gemma.expert_forward` with the layer loop either a lax.scan (one loop body) or unrolled in Python.
 
     Unstacked layers (pi05_jax.layer_stack) are always unrolled: every layer's weights and KV cache are their own
@@ -150,7 +177,7 @@ def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_l
     mods_attn, mods_ffw = (layer_stack.split_layers(mods[k], depth) for k in ("attn", "ffw"))
     for layer in range(depth):
         x = _expert_layer(x, layers[layer], cache_k[layer], cache_v[layer], mods_attn[layer], mods_ffw[layer],
-                          positions, attend, mlp)
+                          positions, attend, ops)
     s, sh, _ = mods["final"]
     return gemma.ada_rms_norm(x, s, sh)
 
@@ -164,7 +191,7 @@ def default_unroll_steps(params) -> bool:
 
 def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_attention=xla_suffix_attention,
             unroll_steps: bool | None = None, unroll_layers: bool = False, step_unroll: int = 1,
-            expert_mlp=gemma.feed_forward):
+            expert_matmuls: ExpertMatmuls = XLA_MATMULS):
     """Upstream's Euler loop x <- x + dt * v(x, t) from noise [B,T,A] (float32) -> actions [B,T,A] float32.
 
     `suffix_attention(lengths)` returns the per-layer attention `(q, k_prefix, v_prefix, k_self, v_self) -> out`;
@@ -173,8 +200,8 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
     Steps are unrolled (a Python loop over the known times: one straight-line executable) or a fori_loop (None:
     `default_unroll_steps`); the expert's layers are a lax.scan or, with `unroll_layers` or unstacked layers,
     unrolled (more code, no loop bookkeeping, no per-layer weight slices). `step_unroll` > 1 unrolls that many steps
-    per iteration of the fori_loop (fewer loop iterations, each a longer straight-line body). `expert_mlp(h, mlp)`
-    computes each unstacked layer's MLP (gemma.feed_forward, or the fast path's Pallas GeGLU on packed weights)."""
+    per iteration of the fori_loop (fewer loop iterations, each a longer straight-line body). `expert_matmuls` runs
+    each unstacked layer's matmuls (XLA's, or the fast path's Pallas kernels on packed weights)."""
     if step_unroll < 1:
         raise ValueError(f"step_unroll must be >= 1, got {step_unroll=}")
     if unroll_steps is None:
@@ -191,7 +218,7 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
     def step(x, i):
         tokens = promoted_dense(x, params["action_in_proj"]["kernel"], params["action_in_proj"]["bias"])
         out = expert_forward(llm, tokens.astype(dtype), _step_modulations(table, i), prefix.kv, positions, attend,
-                             unroll_layers=unroll_layers, mlp=expert_mlp)
+                             unroll_layers=unroll_layers, ops=expert_matmuls)
         v = promoted_dense(out, params["action_out_proj"]["kernel"], params["action_out_proj"]["bias"])
         return x + dt * v
 

@@ -46,7 +46,7 @@ from pi05_jax.weights import weight_einsum
 ATTENTIONS = ("xla", "pallas")
 VISION_ATTENTIONS = ("xla", "pallas")
 CROSS_ATTENTION_QKV = ("packed", "split")
-EXPERT_GEGLU = ("pallas", "xla")
+EXPERT_MATMULS = ("pallas", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,9 @@ class FastPathOptions:
     # on a transposed copy of gating_einsum made by prepare, weight_packing.PackOptions.transpose_expert_gating) or
     # "xla" (XLA's GEMM on openpi's layout, then the GeGLU fusion). attention="xla" always runs XLA's.
     expert_geglu: str = "pallas"
+    # the expert's QKV, attention-out and down projections with attention="pallas" and cross_attention_qkv="packed":
+    # "pallas" (pallas_kernels.skinny_matmul.skinny_matmul, K split, on transposed copies made by prepare) or "xla"
+    expert_projections: str = "xla"
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (see compact_prefix.DEFAULT_BUCKET_SIZE)
     # Euler steps as straight-line code (True) or a lax.fori_loop (False); None: a fori_loop on unstacked layers (its
     # weights are loop invariants; 18 layer bodies to compile, not 180), unrolled on stacked ones (the old default).
@@ -99,8 +102,10 @@ class FastPathOptions:
         if self.cross_attention_qkv not in CROSS_ATTENTION_QKV:
             raise ValueError(f"cross_attention_qkv must be one of {CROSS_ATTENTION_QKV}, got "
                              f"{self.cross_attention_qkv!r}")
-        if self.expert_geglu not in EXPERT_GEGLU:
-            raise ValueError(f"expert_geglu must be one of {EXPERT_GEGLU}, got {self.expert_geglu!r}")
+        if self.expert_geglu not in EXPERT_MATMULS:
+            raise ValueError(f"expert_geglu must be one of {EXPERT_MATMULS}, got {self.expert_geglu!r}")
+        if self.expert_projections not in EXPERT_MATMULS:
+            raise ValueError(f"expert_projections must be one of {EXPERT_MATMULS}, got {self.expert_projections!r}")
         if self.cross_attention_combine not in COMBINES:
             raise ValueError(f"cross_attention_combine must be one of {COMBINES}, got {self.cross_attention_combine!r}")
         if self.prefill_block_rows < 16 or self.prefill_block_rows & (self.prefill_block_rows - 1):
@@ -113,12 +118,18 @@ class FastPathOptions:
         return weight_packing.PackOptions(
             fuse_gemma_qkv=self.fuse_gemma_qkv, fuse_siglip_qkv=self.fuse_siglip_qkv,
             pad_siglip_mlp=self.pad_siglip_mlp, pad_siglip_heads=self.pad_siglip_heads, pad_multiple=self.pad_multiple,
-            transpose_expert_gating=self.pallas_geglu)
+            transpose_expert_gating=self.pallas_geglu, transpose_expert_projections=self.pallas_projections)
 
     @property
     def pallas_geglu(self) -> bool:
         """Whether the expert's GeGLU runs the Pallas kernel (the fused expert reads openpi's gating layout)."""
         return self.attention == "pallas" and self.expert_geglu == "pallas" and self.fused_expert is None
+
+    @property
+    def pallas_projections(self) -> bool:
+        """Whether the expert's projections run the Pallas skinny matmul (its QKV needs the packed attention)."""
+        return (self.attention == "pallas" and self.expert_projections == "pallas" and self.fused_expert is None
+                and self.cross_attention_qkv == "packed")
 
 
 # --- attention callables ------------------------------------------------------------------------------------------
@@ -152,17 +163,66 @@ def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed"):
     return attend
 
 
+# K splits and tiles of the expert's projections at M = 50 (the fastest of scripts/gpu_skinny_matmul.py on the H200)
+QKV_SPLITS, ATTN_OUT_SPLITS, DOWN_SPLITS = 4, 2, 8
+
+
+def _skinny(x, w_t, splits, block_n):
+    """x [..., K] @ w_t [N, K]^T in x's dtype: the K splits' float32 partials summed (XLA fuses the sum and the
+    rounding into the op that consumes them, as with its own split-K GEMMs)."""
+    from pallas_kernels.skinny_matmul import SkinnyBlockSizes, skinny_matmul
+
+    lead, k = x.shape[:-1], x.shape[-1]
+    while splits > 1 and (k % splits or k // splits < 16):  # small models (the tiny config): fewer splits
+        splits //= 2
+    parts = skinny_matmul(x.reshape(-1, k), w_t.reshape(-1, k).astype(x.dtype), k_splits=splits,
+                          block_sizes=SkinnyBlockSizes(block_n=block_n))
+    return parts.sum(0).astype(x.dtype).reshape(*lead, *w_t.shape[:-1])
+
+
 def pallas_expert_mlp(h, mlp):
     """gemma.feed_forward with the gate/up GEMM and GeGLU in pallas_kernels.skinny_matmul.geglu_matmul when the
-    layer holds the transposed gating weight (weight_packing); otherwise (e.g. quantized) gemma.feed_forward."""
+    layer holds the transposed gating weight, and the down projection in skinny_matmul when it holds `linear_t`
+    (weight_packing); XLA's einsums for whatever is not transposed (e.g. quantized)."""
     from pallas_kernels.skinny_matmul import geglu_matmul
 
     w_t = mlp.get("gating_einsum_t")
     if w_t is None:
-        return gemma.feed_forward(h, mlp)
-    b, t, d = h.shape
-    hidden = geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype)).reshape(b, t, -1)
+        if "linear_t" not in mlp:
+            return gemma.feed_forward(h, mlp)
+        gate, up = weight_einsum("BTD,CDF->CBTF", h, mlp["gating_einsum"])
+        hidden = gemma.gelu_tanh(gate) * up
+    else:
+        b, t, d = h.shape
+        hidden = geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype)).reshape(b, t, -1)
+    if "linear_t" in mlp:
+        return _skinny(hidden, mlp["linear_t"], DOWN_SPLITS, 64)
     return weight_einsum("BTF,FD->BTD", hidden, mlp["linear"])
+
+
+def pallas_qkv_rotated(h, attn, positions):
+    w_t = attn.get("qkv_einsum_1_t")
+    if w_t is None:
+        return denoise_fast.xla_qkv_rotated(h, attn, positions)
+    return gemma.rotate_packed_qkv(_skinny(h, w_t["w"], QKV_SPLITS, 64), positions)  # w_t [K, G+2, H, D]
+
+
+def pallas_attn_out(o, attn):
+    w_t = attn.get("attn_vec_einsum_1_t")
+    if w_t is None:
+        return denoise_fast.xla_attn_out(o, attn)
+    b, t = o.shape[:2]
+    return _skinny(o.reshape(b, t, -1), w_t["w"], ATTN_OUT_SPLITS, 32)  # w_t [D, N*H]
+
+
+def expert_matmuls(options: FastPathOptions) -> denoise_fast.ExpertMatmuls:
+    """The expert layer's matmuls for these options: the Pallas skinny kernels where prepare transposed weights."""
+    if options.pallas_projections:
+        return denoise_fast.ExpertMatmuls(qkv_rotated=pallas_qkv_rotated, attn_out=pallas_attn_out,
+                                          mlp=pallas_expert_mlp)
+    if options.pallas_geglu:
+        return denoise_fast.ExpertMatmuls(mlp=pallas_expert_mlp)
+    return denoise_fast.XLA_MATMULS
 
 
 def _attentions(options: FastPathOptions):
@@ -209,7 +269,7 @@ def denoise(params, prefix, noise, num_steps, *, options: FastPathOptions):
     return denoise_fast.denoise(params, prefix, noise, num_steps, suffix_attention=_attentions(options)[1],
                                 unroll_steps=options.unroll_steps, unroll_layers=options.unroll_layers,
                                 step_unroll=options.step_unroll,
-                                expert_mlp=pallas_expert_mlp if options.pallas_geglu else gemma.feed_forward)
+                                expert_matmuls=expert_matmuls(options))
 
 
 def make_implementation(name: str, options: FastPathOptions, description: str = "") -> sampler.Implementation:

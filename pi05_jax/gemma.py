@@ -262,12 +262,15 @@ def qkv_packed_rotated(x, w, positions):
     """`qkv_packed` left in the GEMM's layout [B,T,K,G+2,H]: RoPE applied to every slot and kept on q and k, the q
     scale on q, v as computed. Elementwise the same values as `qkv_packed` (RoPE and the scale act per element of
     a slot), in one array: XLA makes it one fusion, where three sliced outputs are three."""
-    b, t, _ = x.shape
-    _, kh, g2, h = w.shape
-    y = jnp.einsum("BTD,DKCH->BTKCH", x, w.astype(x.dtype))
+    return rotate_packed_qkv(jnp.einsum("BTD,DKCH->BTKCH", x, w.astype(x.dtype)), positions)
+
+
+def rotate_packed_qkv(y, positions):
+    """The fused QKV GEMM's output y [B,T,K,G+2,H] -> RoPE on its q and k slots, the q scale on q, v unchanged."""
+    b, t, kh, g2, h = y.shape
     rotated = rope(y.reshape(b, t, kh * g2, h), positions).reshape(y.shape)
     slot = jnp.arange(g2)[:, None]  # [C, 1], broadcast against [B,T,K,C,H]
-    q_scale = jnp.where(slot < g2 - 2, jnp.asarray(h**-0.5, x.dtype), jnp.asarray(1, x.dtype))
+    q_scale = jnp.where(slot < g2 - 2, jnp.asarray(h**-0.5, y.dtype), jnp.asarray(1, y.dtype))
     return jnp.where(slot == g2 - 1, y, rotated * q_scale)
 
 

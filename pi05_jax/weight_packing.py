@@ -14,7 +14,9 @@ once per checkpoint so the fast path's layers launch fewer and better-shaped GEM
   output, so the result is exact (up to accumulation order) and every GEMM tile is whole. Same keys, same code.
 - Expert gating transpose (the `pallas` fast path's default, off in PackOptions): the expert's `gating_einsum`
   [2, D, F] stored transposed as `gating_einsum_t` [2, F, D], the layout `pallas_kernels.skinny_matmul.geglu_matmul`
-  streams. The same numbers in another order: exact. `gemma.feed_forward` reads either key.
+  streams. The same numbers in another order: exact. `gemma.feed_forward` reads either key. Likewise (off by default)
+  the expert's fused QKV, attention-out and down weights as `[N, K]` `{name}_t` leaves for
+  `pallas_kernels.skinny_matmul.skinny_matmul`; only `pi05_jax.fast_path.pallas_expert_matmuls` reads those.
 - SigLIP head padding (default off): the fused q/k/v heads H -> the next multiple of `pad_multiple` (72 -> 128) with
   zero columns. Padded q and k columns add 0 to every logit; padded v columns give zero outputs that are sliced away
   before the out projection; queries are still scaled by 1/sqrt(original H). Needs the QKV fusion.
@@ -49,6 +51,9 @@ class PackOptions:
     pad_siglip_heads: bool = False  # needs fuse_siglip_qkv
     pad_multiple: int = 128  # SigLIP mlp_dim and (if padded) head_dim round up to this
     transpose_expert_gating: bool = False  # expert gating_einsum [2, D, F] -> gating_einsum_t [2, F, D]
+    # the expert's fused QKV, attention-out and down weights stored [N, K] (qkv_einsum_1_t, attn_vec_einsum_1_t,
+    # linear_t); needs fuse_gemma_qkv for the QKV part
+    transpose_expert_projections: bool = False
 
     def __post_init__(self):
         if self.pad_multiple < 1:
@@ -58,7 +63,8 @@ class PackOptions:
 
     @property
     def any(self) -> bool:
-        return self.fuse_gemma_qkv or self.fuse_siglip_qkv or self.pad_siglip_mlp or self.transpose_expert_gating
+        return (self.fuse_gemma_qkv or self.fuse_siglip_qkv or self.pad_siglip_mlp or self.transpose_expert_gating
+                or self.transpose_expert_projections)
 
 
 def is_array(w) -> bool:
@@ -114,7 +120,25 @@ def _transpose_gating(mlp: dict) -> dict:
     return out
 
 
-def pack_gemma_layers(layers: tuple, *, fuse_qkv: bool = True, transpose_expert_gating: bool = False) -> tuple:
+def _transpose_projections(layer: dict) -> dict:
+    """The expert's fused QKV [D, K, G+2, H] -> [K, G+2, H, D], attn_vec_einsum_1 [N, H, D] -> [D, N*H], linear
+    [F, D] -> [D, F]: each as `{name}_t` in place of the original; quantized or unfused weights stay as they are."""
+    attn, mlp = dict(layer["attn"]), dict(layer["mlp_1"])
+    qkv = attn.get("qkv_einsum_1", {}).get("w")
+    if qkv is not None and is_array(qkv):
+        del attn["qkv_einsum_1"]
+        attn["qkv_einsum_1_t"] = {"w": jnp.transpose(jnp.asarray(qkv), (1, 2, 3, 0))}
+    out = attn["attn_vec_einsum_1"]["w"]
+    if is_array(out):
+        del attn["attn_vec_einsum_1"]
+        attn["attn_vec_einsum_1_t"] = {"w": jnp.asarray(out).reshape(-1, out.shape[-1]).T}
+    if is_array(mlp["linear"]):
+        mlp["linear_t"] = jnp.asarray(mlp.pop("linear")).T
+    return {**layer, "attn": attn, "mlp_1": mlp}
+
+
+def pack_gemma_layers(layers: tuple, *, fuse_qkv: bool = True, transpose_expert_gating: bool = False,
+                      transpose_expert_projections: bool = False) -> tuple:
     """Every layer's q/kv fused, both streams (the prefix stream of the last layer is kept: it computes KV only);
     with transpose_expert_gating, the expert's gating_einsum stored [2, F, D] as `gating_einsum_t` (the Pallas
     GeGLU matmul reads each program's output columns as one contiguous slab: pallas_kernels.skinny_matmul)."""
@@ -130,6 +154,8 @@ def pack_gemma_layers(layers: tuple, *, fuse_qkv: bool = True, transpose_expert_
             layer["attn"] = attn
         if transpose_expert_gating and "mlp_1" in layer:
             layer["mlp_1"] = _transpose_gating(layer["mlp_1"])
+        if transpose_expert_projections and "mlp_1" in layer:
+            layer = _transpose_projections(layer)
         out.append(layer)
     return tuple(out)
 
@@ -188,9 +214,11 @@ def pack_weights(params, options: PackOptions = PackOptions()) -> dict:
     paths; all other leaves shared). Stacked layer groups are returned unchanged (the packed code runs per layer)."""
     llm = layer_stack._get(params, layer_stack.LLM_PATH)
     img = layer_stack._get(params, layer_stack.IMG_PATH)
-    if (options.fuse_gemma_qkv or options.transpose_expert_gating) and layer_stack.is_unstacked(llm):
+    gemma_packing = options.fuse_gemma_qkv or options.transpose_expert_gating or options.transpose_expert_projections
+    if gemma_packing and layer_stack.is_unstacked(llm):
         params = layer_stack._replace(params, layer_stack.LLM_PATH, pack_gemma_layers(
-            llm, fuse_qkv=options.fuse_gemma_qkv, transpose_expert_gating=options.transpose_expert_gating))
+            llm, fuse_qkv=options.fuse_gemma_qkv, transpose_expert_gating=options.transpose_expert_gating,
+            transpose_expert_projections=options.transpose_expert_projections))
     if (options.fuse_siglip_qkv or options.pad_siglip_mlp) and layer_stack.is_unstacked(img):
         params = layer_stack._replace(params, layer_stack.IMG_PATH, pack_siglip_layers(img, options))
     return params

@@ -30,10 +30,9 @@ from pi05_jax import fast_path
 VARIANTS = {
     "split q/k/v, XLA GeGLU (session 2 default)": fast_path.FastPathOptions(
         attention="pallas", cross_attention_qkv="split", expert_geglu="xla"),
-    "packed q/k/v, XLA GeGLU": fast_path.FastPathOptions(attention="pallas", expert_geglu="xla"),
     "packed q/k/v, Pallas GeGLU (default)": fast_path.FastPathOptions(attention="pallas"),
-    "split q/k/v, XLA GeGLU, again": fast_path.FastPathOptions(
-        attention="pallas", cross_attention_qkv="split", expert_geglu="xla", bucket_size=64),
+    "+ Pallas projections": fast_path.FastPathOptions(attention="pallas", expert_projections="pallas"),
+    "packed q/k/v, Pallas GeGLU, again": fast_path.FastPathOptions(attention="pallas", bucket_size=64),
 }
 
 

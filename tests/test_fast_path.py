@@ -190,6 +190,8 @@ def test_bad_options_are_rejected():
         fast_path.FastPathOptions(prefill_block_rows=24)
     with pytest.raises(ValueError, match="expert_geglu"):
         fast_path.FastPathOptions(expert_geglu="cuda")
+    with pytest.raises(ValueError, match="expert_projections"):
+        fast_path.FastPathOptions(expert_projections="cuda")
     with pytest.raises(ValueError, match="cross_attention_qkv"):
         fast_path.FastPathOptions(cross_attention_qkv="fused")
 
@@ -205,6 +207,9 @@ OPTION_VARIANTS = {
     "prefill-rows-32": fast_path.FastPathOptions(attention="pallas", prefill_block_rows=32),
     "cross-attention-split-qkv": fast_path.FastPathOptions(attention="pallas", cross_attention_qkv="split"),
     "expert-geglu-xla": fast_path.FastPathOptions(attention="pallas", expert_geglu="xla"),
+    "expert-projections-pallas": fast_path.FastPathOptions(attention="pallas", expert_projections="pallas"),
+    "expert-projections-pallas-xla-geglu": fast_path.FastPathOptions(attention="pallas", expert_projections="pallas",
+                                                                     expert_geglu="xla"),
 }
 
 

@@ -86,14 +86,15 @@ def test_gqa_cross_attention_packed(slots, lengths, combine):
     assert rel_err(got, gqa.gqa_cross_attention_packed_reference(qkv, kp, vp, n)) <= TOL[jnp.bfloat16]
 
 
-@pytest.mark.parametrize("m", [50, 100], ids=["batch1", "batch2"])
-def test_geglu_matmul(m):
+@pytest.mark.parametrize("m,dtype", [(50, jnp.bfloat16), (100, jnp.bfloat16), (300, jnp.bfloat16),
+                                     (50, jnp.float32)], ids=["batch1", "batch2", "batch6", "batch1_f32"])
+def test_geglu_matmul(m, dtype):
     rng = np.random.default_rng(5)
-    x = normal(rng, (m, 1024), 1.0, jnp.bfloat16)
-    w_t = normal(rng, (2, 4096, 1024), 1024**-0.5, jnp.bfloat16)
+    x = normal(rng, (m, 1024), 1.0, dtype)
+    w_t = normal(rng, (2, 4096, 1024), 1024**-0.5, dtype)
     got = skinny.geglu_matmul(x, w_t, interpret=False)
-    # bf16 output of float32 sums rounded to bf16 before the GeGLU (upstream's rounding): a few bf16 ulps at most
-    assert rel_err(got, skinny.geglu_matmul_reference(x, w_t)) <= TOL[jnp.bfloat16]
+    # bf16: float32 sums rounded to bf16 before the GeGLU (upstream's rounding), a bf16 output; float32: exact dots
+    assert rel_err(got, skinny.geglu_matmul_reference(x, w_t)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("k,n,splits", [(4096, 1024, 8), (2048, 1024, 4), (1024, 2560, 2)],

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.skinny_matmul import (
+    SHARED_MEMORY_BUDGET,
     SkinnyBlockSizes,
+    _tiles,
     geglu_matmul,
     geglu_matmul_reference,
     skinny_matmul,
@@ -41,11 +43,12 @@ def as_f32(x):
 
 @DTYPES
 @pytest.mark.parametrize("m,k,n,splits", [(50, 4096, 1024, 8), (100, 2048, 1024, 4), (50, 1024, 2560, 2),
-                                          (50, 64, 32, 1), (7, 128, 48, 2)],
-                         ids=["down", "attn_out_batch2", "qkv", "tiny", "odd_rows"])
-def test_skinny_matmul_partials(m, k, n, splits, dtype):
+                                          (50, 64, 32, 1), (7, 128, 48, 2), (50, 64, 160, 4)],
+                         ids=["down", "attn_out_batch2", "qkv", "tiny", "odd_rows", "tiny_qkv_n160"])
+@pytest.mark.parametrize("block_m", [128, 16], ids=["m128", "m16"])
+def test_skinny_matmul_partials(m, k, n, splits, block_m, dtype):
     x, w_t = _inputs(m, k, (n, k), dtype)
-    bs = SkinnyBlockSizes(block_n=16) if n % 32 else SkinnyBlockSizes()
+    bs = SkinnyBlockSizes(block_m=block_m, block_n=16 if n % 32 else 32)
     got = skinny_matmul(x, w_t, k_splits=splits, block_sizes=bs, interpret=True)
     want = skinny_matmul_reference(x, w_t, k_splits=splits)
     assert got.shape == (splits, m, n) and got.dtype == jnp.float32
@@ -56,8 +59,8 @@ def test_skinny_matmul_partials(m, k, n, splits, dtype):
 
 
 @DTYPES
-@pytest.mark.parametrize("m,k,f", [(50, 1024, 4096), (100, 1024, 4096), (50, 64, 128), (3, 32, 64)],
-                         ids=["expert", "expert_batch2", "tiny", "few_rows"])
+@pytest.mark.parametrize("m,k,f", [(50, 1024, 4096), (100, 1024, 4096), (50, 64, 128), (3, 32, 64), (300, 64, 64)],
+                         ids=["expert", "expert_batch2", "tiny", "few_rows", "row_blocks"])
 def test_geglu_matmul(m, k, f, dtype):
     x, w_t = _inputs(m, k, (2, f, k), dtype, seed=1)
     got = geglu_matmul(x, w_t, interpret=True)
@@ -73,6 +76,17 @@ def test_geglu_block_sizes(bs):
     x, w_t = _inputs(50, 512, (2, 256, 512), jnp.float32, seed=2)
     np.testing.assert_allclose(as_f32(geglu_matmul(x, w_t, block_sizes=bs, interpret=True)),
                                as_f32(geglu_matmul_reference(x, w_t)), **GEGLU_TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("m,dtype,weights", [(50, jnp.bfloat16, 2), (100, jnp.bfloat16, 2), (50, jnp.float32, 2),
+                                              (100, jnp.float32, 1), (2000, jnp.float32, 2)])
+def test_tiles_fit_shared_memory(m, dtype, weights):
+    """Batch 2 (128-row blocks) and float32 inputs shrink block_k so num_stages copies of the tiles fit; on the H200
+    the unshrunk batch-2 tiles asked for 288 KiB and failed to launch."""
+    bs = SkinnyBlockSizes()
+    bm, bn, bk, steps = _tiles(m, 4096, 4096, bs, 1, weights=weights, itemsize=jnp.dtype(dtype).itemsize)
+    assert bm <= bs.block_m and bk * steps == 4096
+    assert bs.num_stages * (bm + weights * bn) * bk * jnp.dtype(dtype).itemsize <= SHARED_MEMORY_BUDGET
 
 
 @DTYPES
@@ -99,7 +113,7 @@ def test_bad_inputs_name_the_shape():
     with pytest.raises(ValueError, match="k_splits"):
         skinny_matmul(x, w_t[0], k_splits=3)
     with pytest.raises(ValueError, match="block_n"):
-        geglu_matmul(x, w_t[:, :120])
+        geglu_matmul(x, w_t[:, :120])  # no power of two >= 16 divides 120
     with pytest.raises(ValueError, match="block_k"):
         SkinnyBlockSizes(block_k=100)
     with pytest.raises(ValueError, match="num_warps"):

@@ -4,12 +4,14 @@ leaves are left unpacked and still run."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pi05_jax import fast_path, gemma, layer_stack, siglip, weight_packing
+from pi05_jax import denoise_fast, fast_path, gemma, layer_stack, siglip, weight_packing
 from pi05_jax.observation import observation_from_arrays
 from tests.conftest import MODEL_CASES, case_inputs, rel_err
 
@@ -167,6 +169,35 @@ def test_transposed_expert_gating_runs_the_same_mlp(unstacked):
     h = jax.random.normal(jax.random.key(5), (2, 7, d), jnp.float32)
     want = gemma.feed_forward(h, before["mlp_1"])
     for got in (gemma.feed_forward(h, after["mlp_1"]), fast_path.pallas_expert_mlp(h, after["mlp_1"])):
+        assert rel_err(np.asarray(got), np.asarray(want)) <= PACKED_TOL["float32"]
+
+
+def test_transposed_expert_projections_run_the_same_layer(unstacked):
+    """PackOptions.transpose_expert_projections: the expert's fused QKV, attention-out and down weights as [N, K]
+    `_t` leaves in place of the originals; the fast path's Pallas ops on them equal XLA's on the originals."""
+    options = weight_packing.PackOptions(fuse_siglip_qkv=False, pad_siglip_mlp=False)
+    fused = weight_packing.pack_weights(unstacked, options)["PaliGemma"]["llm"]["layers"][0]
+    moved = weight_packing.pack_weights(unstacked, dataclasses.replace(options, transpose_expert_projections=True))
+    moved = moved["PaliGemma"]["llm"]["layers"][0]
+    assert {"qkv_einsum_1_t", "attn_vec_einsum_1_t"} <= set(moved["attn"]) and "linear_t" in moved["mlp_1"]
+    assert not {"qkv_einsum_1", "attn_vec_einsum_1"} & set(moved["attn"]) and "linear" not in moved["mlp_1"]
+    np.testing.assert_array_equal(np.asarray(moved["attn"]["qkv_einsum"]["w"]),  # the prefix stream is untouched
+                                  np.asarray(fused["attn"]["qkv_einsum"]["w"]))
+    assert moved["mlp"] is fused["mlp"]
+    d = fused["attn"]["qkv_einsum_1"]["w"].shape[0]
+    key = jax.random.split(jax.random.key(6), 2)
+    h = jax.random.normal(key[0], (2, 7, d), jnp.float32)
+    positions = 3 + jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (2, 7))
+    pairs = [
+        (denoise_fast.xla_qkv_rotated(h, fused["attn"], positions),
+         fast_path.pallas_qkv_rotated(h, moved["attn"], positions)),
+        (gemma.feed_forward(h, fused["mlp_1"]), fast_path.pallas_expert_mlp(h, moved["mlp_1"])),
+    ]
+    n, hd, _ = fused["attn"]["attn_vec_einsum_1"]["w"].shape
+    o = jax.random.normal(key[1], (2, 7, n, hd), jnp.float32)
+    pairs.append((denoise_fast.xla_attn_out(o, fused["attn"]), fast_path.pallas_attn_out(o, moved["attn"])))
+    for want, got in pairs:
+        assert got.shape == want.shape
         assert rel_err(np.asarray(got), np.asarray(want)) <= PACKED_TOL["float32"]
 
 
