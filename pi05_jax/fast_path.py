@@ -37,7 +37,9 @@ import jax.numpy as jnp
 # lazily while the first pallas_call is traced, that flag changes the tracing context after the sampler's first
 # compile, so the second call of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
+from pallas_kernels import gqa_cross_attention
 from pallas_kernels.gqa_cross_attention import COMBINES
+from pallas_kernels.skinny_matmul import SkinnyBlockSizes
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
 from pi05_jax.fused_expert_options import FusedExpertOptions
@@ -47,6 +49,8 @@ ATTENTIONS = ("xla", "pallas")
 VISION_ATTENTIONS = ("xla", "pallas")
 CROSS_ATTENTION_QKV = ("packed", "split")
 EXPERT_MATMULS = ("pallas", "xla")
+DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes()
+DEFAULT_GEGLU_TILES = SkinnyBlockSizes()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +67,13 @@ class FastPathOptions:
     # from the GEMM's [B,T,K,G+2,H] layout, gqa_cross_attention_packed: one XLA fusion for RoPE and the q scale) or
     # "split" (q, k and v sliced out first: three fusions)
     cross_attention_qkv: str = "packed"
+    # tiles of the Pallas cross-attention (gqa_cross_attention.BlockSizes; its `combine` is cross_attention_combine)
+    cross_attention_tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES
     # the expert's gate/up GEMM + GeGLU with attention="pallas": "pallas" (pallas_kernels.skinny_matmul.geglu_matmul
     # on a transposed copy of gating_einsum made by prepare, weight_packing.PackOptions.transpose_expert_gating) or
     # "xla" (XLA's GEMM on openpi's layout, then the GeGLU fusion). attention="xla" always runs XLA's.
     expert_geglu: str = "pallas"
+    expert_geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES  # tiles of that kernel
     # the expert's QKV, attention-out and down projections with attention="pallas" and cross_attention_qkv="packed":
     # "pallas" (pallas_kernels.skinny_matmul.skinny_matmul, K split, on transposed copies made by prepare) or "xla"
     expert_projections: str = "xla"
@@ -149,17 +156,16 @@ def pallas_vision_attention(q, k, v):
     return ragged_prefill_attention(q, k, v, jnp.full((q.shape[0],), q.shape[1], jnp.int32))
 
 
-def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed"):
-    from pallas_kernels.gqa_cross_attention import BlockSizes, gqa_cross_attention, gqa_cross_attention_packed
-
-    blocks = BlockSizes(combine=combine)
+def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed",
+                            tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES):
+    blocks = dataclasses.replace(tiles, combine=combine)
 
     def attend(q, ck, cv, k, v):
-        return gqa_cross_attention(q, ck, cv, lengths, k, v, block_sizes=blocks)
+        return gqa_cross_attention.gqa_cross_attention(q, ck, cv, lengths, k, v, block_sizes=blocks)
 
     if qkv == "packed":  # denoise_fast calls this on layers with a fused QKV weight
-        attend.packed = lambda qkv_rotated, ck, cv: gqa_cross_attention_packed(qkv_rotated, ck, cv, lengths,
-                                                                               block_sizes=blocks)
+        attend.packed = lambda qkv_rotated, ck, cv: gqa_cross_attention.gqa_cross_attention_packed(
+            qkv_rotated, ck, cv, lengths, block_sizes=blocks)
     return attend
 
 
@@ -180,7 +186,7 @@ def _skinny(x, w_t, splits, block_n):
     return parts.sum(0).astype(x.dtype).reshape(*lead, *w_t.shape[:-1])
 
 
-def pallas_expert_mlp(h, mlp):
+def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES):
     """gemma.feed_forward with the gate/up GEMM and GeGLU in pallas_kernels.skinny_matmul.geglu_matmul when the
     layer holds the transposed gating weight, and the down projection in skinny_matmul when it holds `linear_t`
     (weight_packing); XLA's einsums for whatever is not transposed (e.g. quantized)."""
@@ -194,7 +200,7 @@ def pallas_expert_mlp(h, mlp):
         hidden = gemma.gelu_tanh(gate) * up
     else:
         b, t, d = h.shape
-        hidden = geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype)).reshape(b, t, -1)
+        hidden = geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype), block_sizes=geglu_tiles).reshape(b, t, -1)
     if "linear_t" in mlp:
         return _skinny(hidden, mlp["linear_t"], DOWN_SPLITS, 64)
     return weight_einsum("BTF,FD->BTD", hidden, mlp["linear"])
@@ -217,11 +223,11 @@ def pallas_attn_out(o, attn):
 
 def expert_matmuls(options: FastPathOptions) -> denoise_fast.ExpertMatmuls:
     """The expert layer's matmuls for these options: the Pallas skinny kernels where prepare transposed weights."""
+    mlp = functools.partial(pallas_expert_mlp, geglu_tiles=options.expert_geglu_tiles)
     if options.pallas_projections:
-        return denoise_fast.ExpertMatmuls(qkv_rotated=pallas_qkv_rotated, attn_out=pallas_attn_out,
-                                          mlp=pallas_expert_mlp)
+        return denoise_fast.ExpertMatmuls(qkv_rotated=pallas_qkv_rotated, attn_out=pallas_attn_out, mlp=mlp)
     if options.pallas_geglu:
-        return denoise_fast.ExpertMatmuls(mlp=pallas_expert_mlp)
+        return denoise_fast.ExpertMatmuls(mlp=mlp)
     return denoise_fast.XLA_MATMULS
 
 
@@ -229,7 +235,7 @@ def _attentions(options: FastPathOptions):
     if options.attention == "pallas":
         return (functools.partial(pallas_prefill_attention, block_rows=options.prefill_block_rows),
                 functools.partial(pallas_suffix_attention, combine=options.cross_attention_combine,
-                                  qkv=options.cross_attention_qkv))
+                                  qkv=options.cross_attention_qkv, tiles=options.cross_attention_tiles))
     return compact_prefix.xla_prefill_attention, denoise_fast.xla_suffix_attention
 
 

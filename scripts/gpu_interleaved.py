@@ -13,6 +13,7 @@ relative error against the first variant (full size, random bf16 weights, 2 view
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -25,14 +26,28 @@ import jax.numpy as jnp
 import numpy as np
 from gpu_common import cosine, rel_err, say
 
+from pallas_kernels import gqa_cross_attention
+from pallas_kernels.skinny_matmul import SkinnyBlockSizes
 from pi05_jax import fast_path
 
+TILES = gqa_cross_attention.BlockSizes()
 VARIANTS = {
-    "split q/k/v, XLA GeGLU (session 2 default)": fast_path.FastPathOptions(
-        attention="pallas", cross_attention_qkv="split", expert_geglu="xla"),
-    "packed q/k/v, Pallas GeGLU (default)": fast_path.FastPathOptions(attention="pallas"),
-    "+ Pallas projections": fast_path.FastPathOptions(attention="pallas", expert_projections="pallas"),
-    "packed q/k/v, Pallas GeGLU, again": fast_path.FastPathOptions(attention="pallas", bucket_size=64),
+    "default": fast_path.FastPathOptions(attention="pallas"),
+    "cross-attention 4 warps": fast_path.FastPathOptions(
+        attention="pallas", cross_attention_tiles=dataclasses.replace(TILES, num_warps=4)),
+    "cross-attention 64-key splits": fast_path.FastPathOptions(
+        attention="pallas", cross_attention_tiles=dataclasses.replace(TILES, split_k=64)),
+    "cross-attention 16-row blocks": fast_path.FastPathOptions(
+        attention="pallas", cross_attention_tiles=dataclasses.replace(TILES, block_rows=16)),
+    "cross-attention 64-key splits, 4 warps": fast_path.FastPathOptions(
+        attention="pallas", cross_attention_tiles=dataclasses.replace(TILES, split_k=64, num_warps=4)),
+    "GeGLU tiles n32 k128 4 stages": fast_path.FastPathOptions(
+        attention="pallas", expert_geglu_tiles=SkinnyBlockSizes(block_k=128, num_stages=4)),
+    "GeGLU tiles n64 k128": fast_path.FastPathOptions(
+        attention="pallas", expert_geglu_tiles=SkinnyBlockSizes(block_n=64, block_k=128)),
+    "GeGLU tiles n32 k256 8 warps": fast_path.FastPathOptions(
+        attention="pallas", expert_geglu_tiles=SkinnyBlockSizes(num_warps=8)),
+    "default, again": fast_path.FastPathOptions(attention="pallas", bucket_size=64),
 }
 
 
