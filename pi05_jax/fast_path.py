@@ -1,4 +1,4 @@
-"""The fast paths `compact` (plain-JAX attention) and `pallas` (the Pallas attention kernels), registered in
+"""The fast paths `compact` (plain-JAX attention) and `pallas` (the Pallas kernels), registered in
 `pi05_jax.sampler.IMPLEMENTATIONS` so `--kernels compact|pallas` selects them.
 
 Both run the same exact restructuring of upstream's computation (each piece is documented where it lives):
@@ -8,17 +8,19 @@ Both run the same exact restructuring of upstream's computation (each piece is d
   Euler steps a fori_loop (or unrolled); the suffix attention sees the bucket-long cache plus the action tokens.
 - `pi05_jax.weight_packing`: on the unstacked layout, `prepare` also fuses each Gemma layer's q/kv weights (one QKV
   GEMM per layer, RoPE on q and k together) and SigLIP's query/key/value, and zero-pads SigLIP's mlp_dim to a multiple
-  of 128 (optionally its head_dim), once per checkpoint; exact up to the GEMMs' accumulation order.
+  of 128 (optionally its head_dim), once per checkpoint; exact up to the GEMMs' accumulation order. For `pallas` it
+  also stores the expert's gating weight transposed, the layout the Pallas GeGLU matmul streams.
 - `pi05_jax.layer_stack`: `prepare` hands the phases the params with per-layer weight buffers (converted once per
   checkpoint and cached; params that are already unstacked, e.g. from `runtime.Model.load`, are used as they are),
   so SigLIP, prefill and the expert loop over layers in Python and every GEMM reads its weight in place, instead of
   a lax.scan that copies each layer's slice of the stacked weight before the matmul.
 `fused` (experimental, slower today: docs/PERF.md) is `pallas` with `pi05_jax.denoise_fused`'s expert layer. Other
-`FastPathOptions` (SigLIP attention in Pallas, attention tiles, the Pallas combine of the cross-attention's splits)
-are measured alternatives that lost or tied; they stay selectable for the next card. The base paths differ only in
-the attention callables: `compact` uses XLA masked attention, `pallas` calls
-`pallas_kernels.ragged_prefill_attention` in prefill and `pallas_kernels.gqa_cross_attention` in denoise (in Pallas
-interpret mode on the CPU).
+`FastPathOptions` (SigLIP attention in Pallas, attention and GeGLU tiles, the Pallas combine of the cross-attention's
+splits, the expert's projections as Pallas split-K matmuls) are measured alternatives that lost or tied; they stay
+selectable for the next card. `compact` uses XLA's attention and matmuls; `pallas` calls
+`pallas_kernels.ragged_prefill_attention` in prefill, and in denoise `pallas_kernels.gqa_cross_attention` (reading
+q, k and v in place from the fused QKV GEMM's output) and `pallas_kernels.skinny_matmul.geglu_matmul` for the
+expert's gate/up + GeGLU on a transposed copy of its gating weight (in Pallas interpret mode on the CPU).
 
 Static shapes come from the host: `prepare` (run by `sampler.sample_actions` before the jit) reads the observation's
 masks and returns a `PrefixPlan` (valid-view count, bucket), so the executable is keyed by (batch, valid views,
@@ -39,7 +41,7 @@ import jax.numpy as jnp
 import pallas_kernels._interpret  # noqa: F401
 from pallas_kernels import gqa_cross_attention
 from pallas_kernels.gqa_cross_attention import COMBINES
-from pallas_kernels.skinny_matmul import SkinnyBlockSizes
+from pallas_kernels.skinny_matmul import SkinnyBlockSizes, geglu_matmul, skinny_matmul
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
 from pi05_jax.fused_expert_options import FusedExpertOptions
@@ -176,8 +178,6 @@ QKV_SPLITS, ATTN_OUT_SPLITS, DOWN_SPLITS = 4, 2, 8
 def _skinny(x, w_t, splits, block_n):
     """x [..., K] @ w_t [N, K]^T in x's dtype: the K splits' float32 partials summed (XLA fuses the sum and the
     rounding into the op that consumes them, as with its own split-K GEMMs)."""
-    from pallas_kernels.skinny_matmul import SkinnyBlockSizes, skinny_matmul
-
     lead, k = x.shape[:-1], x.shape[-1]
     while splits > 1 and (k % splits or k // splits < 16):  # small models (the tiny config): fewer splits
         splits //= 2
@@ -190,8 +190,6 @@ def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILE
     """gemma.feed_forward with the gate/up GEMM and GeGLU in pallas_kernels.skinny_matmul.geglu_matmul when the
     layer holds the transposed gating weight, and the down projection in skinny_matmul when it holds `linear_t`
     (weight_packing); XLA's einsums for whatever is not transposed (e.g. quantized)."""
-    from pallas_kernels.skinny_matmul import geglu_matmul
-
     w_t = mlp.get("gating_einsum_t")
     if w_t is None:
         if "linear_t" not in mlp:

@@ -26,8 +26,8 @@ class Progress:
 # The registered implementations (pi05_jax.sampler.IMPLEMENTATIONS; a test keeps this list in step with it), for
 # --help without importing JAX.
 KERNELS_HELP = ("'reference' (plain JAX, upstream-exact), 'compact' (valid views, compacted prefix, XLA attention), "
-                "'pallas' (compact + the Pallas attention kernels: the fast path), 'fused' (experimental: pallas + "
-                "fused expert GEMMs, slower today)")
+                "'pallas' (compact + the Pallas attention and GeGLU kernels: the fast path), "
+                "'fused' (experimental: pallas + fused expert GEMMs, slower today)")
 
 
 def add_model_args(p: argparse.ArgumentParser, *, checkpoint_required: bool = True) -> None:
