@@ -1,5 +1,6 @@
 """Helpers shared by the GPU measurement scripts (run as `python scripts/<name>.py`, so this is importable as
-`gpu_common`): progress lines, the two accuracy metrics, and the warm timing of one `sample_actions` setup."""
+`gpu_common`): progress lines, the random model and inputs they time, the two accuracy metrics, and the warm timing
+of one `sample_actions` setup."""
 
 from __future__ import annotations
 
@@ -16,6 +17,21 @@ T0 = time.perf_counter()
 
 def say(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def random_model(preset_name: str, kernels: str = "pallas"):
+    """`pi05 bench`'s inputs for a preset: random weights (real architecture, never zeros), batch 1, 2 valid views +
+    60 prompt tokens, 10 steps, bf16. Returns (selection, built: .params / .obs, noise [1, T, A])."""
+    from pi05_jax.bench.selection import Selection, build
+    from pi05_jax.commands.common import Progress
+    from pi05_jax.config import preset
+    from pi05_jax.synthetic import synthetic_noise
+
+    say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    sel = Selection(config=preset(preset_name), source=f"preset:{preset_name}", checkpoint=None, preset=preset_name,
+                    views=2, prompt_len=60, steps=10, batch=1, dtype="bfloat16", kernels=(kernels,), runs=1,
+                    device="auto", platform=jax.default_backend(), seed=0)
+    return sel, build(sel, Progress()), synthetic_noise(sel.config, seed=0)
 
 
 def cosine(a, b) -> float:

@@ -16,9 +16,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax
 import numpy as np
-from gpu_common import cosine, rel_err, say, time_sample
+from gpu_common import cosine, random_model, rel_err, say, time_sample
 
 from pi05_jax import fast_path, sampler
 
@@ -37,17 +36,7 @@ def main():
     ap.add_argument("--preset", default="full")
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args()
-    from pi05_jax.bench.selection import Selection, build
-    from pi05_jax.commands.common import Progress
-    from pi05_jax.config import preset
-    from pi05_jax.synthetic import synthetic_noise
-
-    say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    sel = Selection(config=preset(args.preset), source=f"preset:{args.preset}", checkpoint=None, preset=args.preset,
-                    views=2, prompt_len=60, steps=10, batch=1, dtype="bfloat16", kernels=("pallas",), runs=1,
-                    device="auto", platform=jax.default_backend(), seed=0)
-    built = build(sel, Progress())
-    noise = synthetic_noise(sel.config, seed=0)
+    _, built, noise = random_model(args.preset, "pallas")
     first_actions = None
     for i, (label, options) in enumerate(VARIANTS.items()):
         impl = fast_path.make_implementation(f"variant{i}", options)

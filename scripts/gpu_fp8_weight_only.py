@@ -20,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import numpy as np
-from gpu_common import cosine, rel_err, say, time_sample
+from gpu_common import cosine, random_model, rel_err, say, time_sample
 
 from checkpoints.quantize import Plan, quantize_params
 from pi05_jax.quantized import fp8_weight as f8
@@ -37,17 +37,7 @@ def main():
     ap.add_argument("--kernels", default="pallas")
     ap.add_argument("--preset", default="full")
     args = ap.parse_args()
-    from pi05_jax.bench.selection import Selection, build
-    from pi05_jax.commands.common import Progress
-    from pi05_jax.config import preset
-    from pi05_jax.synthetic import synthetic_noise
-
-    say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    sel = Selection(config=preset(args.preset), source=f"preset:{args.preset}", checkpoint=None, preset=args.preset,
-                    views=2, prompt_len=60, steps=10, batch=1, dtype="bfloat16", kernels=(args.kernels,), runs=1,
-                    device="auto", platform=jax.default_backend(), seed=0)
-    built = build(sel, Progress())
-    noise = synthetic_noise(sel.config, seed=0)
+    _, built, noise = random_model(args.preset, args.kernels)
 
     def run(label, params):
         actions, first, times, compiles = time_sample(params, built.obs, noise, args.kernels, steps=10, repeats=20)

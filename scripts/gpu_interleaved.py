@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gpu_common import cosine, rel_err, say
+from gpu_common import cosine, random_model, rel_err, say
 
 from pallas_kernels import gqa_cross_attention
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes
@@ -57,17 +57,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=10)
     args = ap.parse_args()
-    from pi05_jax.bench.selection import Selection, build
-    from pi05_jax.commands.common import Progress
-    from pi05_jax.config import preset
-    from pi05_jax.synthetic import synthetic_noise
-
-    say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    sel = Selection(config=preset(args.preset), source=f"preset:{args.preset}", checkpoint=None, preset=args.preset,
-                    views=2, prompt_len=60, steps=10, batch=1, dtype="bfloat16", kernels=("pallas",), runs=1,
-                    device="auto", platform=jax.default_backend(), seed=0)
-    built = build(sel, Progress())
-    noise = jnp.asarray(synthetic_noise(sel.config, seed=0))
+    sel, built, noise = random_model(args.preset, "pallas")
+    noise = jnp.asarray(noise)
     steps = sel.steps
     runs = {}
     for i, (label, options) in enumerate(VARIANTS.items()):
