@@ -250,3 +250,11 @@ def test_quantized_leaves_stay_unpacked_and_run(tiny_fp32, model_cases):
     unpacked = _sample(params, obs, ins["noise"], 2, UNPACKED)
     assert np.isfinite(packed).all()
     assert rel_err(packed, unpacked) <= PACKED_TOL["float32"]
+
+    # the `pallas` path's own packing (its default transposes the expert's gating weight for the GeGLU kernel):
+    # the NVFP4 gating weight stays as it is and runs through its own matmul
+    prepared, _ = PACKED_PALLAS.prepare(params, obs, 2)
+    mlp = prepared["PaliGemma"]["llm"]["layers"][0]["mlp_1"]
+    assert isinstance(mlp["gating_einsum"], Fp4Weight) and "gating_einsum_t" not in mlp
+    packed_pallas = _sample(params, obs, ins["noise"], 2, PACKED_PALLAS)
+    assert rel_err(packed_pallas, _sample(params, obs, ins["noise"], 2, UNPACKED_PALLAS)) <= PACKED_TOL["float32"]
