@@ -13,6 +13,10 @@ Each program writes its fp32 partial (accumulator, max, sum); a small plain-JAX 
 `BlockSizes(single_pass=True)` selects the other schedule: grid (B, K, row blocks) only; each program sweeps the
 row's valid prefix keys and then the self keys with one fp32 online softmax and writes the normalized output
 directly (no partials, no combine step). Small row blocks (16 or 32 of the 400 rows) keep 13-25 programs busy.
+
+`gqa_cross_attention_packed` (the `pallas` fast path's default) takes q, k and v as one array in the fused QKV
+GEMM's layout [B,T,K,G+2,H] and reads each head's [T, H] view in place (grid (B, K, J, G, token blocks), the same
+kernel body); XLA then needs one elementwise fusion before it (RoPE, q scale) instead of three slicing ones.
 """
 
 from __future__ import annotations

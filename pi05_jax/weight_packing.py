@@ -16,7 +16,7 @@ once per checkpoint so the fast path's layers launch fewer and better-shaped GEM
   [2, D, F] stored transposed as `gating_einsum_t` [2, F, D], the layout `pallas_kernels.skinny_matmul.geglu_matmul`
   streams. The same numbers in another order: exact. `gemma.feed_forward` reads either key. Likewise (off by default)
   the expert's fused QKV, attention-out and down weights as `[N, K]` `{name}_t` leaves for
-  `pallas_kernels.skinny_matmul.skinny_matmul`; only `pi05_jax.fast_path.pallas_expert_matmuls` reads those.
+  `pallas_kernels.skinny_matmul.skinny_matmul`; only `pi05_jax.fast_path.expert_matmuls`'s Pallas ops read those.
 - SigLIP head padding (default off): the fused q/k/v heads H -> the next multiple of `pad_multiple` (72 -> 128) with
   zero columns. Padded q and k columns add 0 to every logit; padded v columns give zero outputs that are sliced away
   before the out projection; queries are still scaled by 1/sqrt(original H). Needs the QKV fusion.
