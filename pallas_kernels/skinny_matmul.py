@@ -6,7 +6,9 @@ At M = 50 the expert's four GEMMs per layer read 34.6 MB of weights for 0.1% of 
 bound by how fast the programs stream weights, and XLA's GEMMs reach 1.0-1.5 TB/s there (docs/PERF.md). A weight
 stored as openpi keeps it, [K, N], gives each program a [block_k, block_n] tile made of block_k row segments of
 block_n * 2 bytes, each from another DRAM page. Stored transposed, [N, K], the block_n columns a program owns are
-one contiguous slab (block_n * K * 2 bytes), streamed front to back over its K loop.
+one contiguous slab (block_n * K * 2 bytes), streamed front to back over its K loop. (That is our reading of why the
+GeGLU kernel below reaches 2.1 TB/s where XLA's GEMM on the [K, N] weight reaches 1.35; the layout was not isolated
+as the only cause. The split-K projections on the same layout measured no faster than XLA's: docs/PERF.md.)
 
 - `skinny_matmul(x, w_t, k_splits=S)`: x [M, K] @ w_t[N, K]^T as float32 partial sums [S, M, N], split S ways over
   K (S * N / block_n programs). The caller reduces the partials (XLA fuses that sum into the consumer, e.g. the
@@ -36,8 +38,9 @@ from pallas_kernels._tiles import check_pow2_fields, pow2_at_least, triton_param
 from pallas_kernels.ragged_prefill_attention import dot_precision
 
 # Shared memory the pipelined K loop may take (num_stages copies of the x and w tiles); the H100/H200 allow 227 KiB
-# per block. block_k halves until the tiles fit. Measured on the H200: the default tiles at M = 50 (3 x 192 KiB /
-# 3 = 192 KiB) launch; at M = 100 (128-row blocks, 288 KiB by this count) Triton asked for 256 KiB and failed.
+# per block. block_k halves until the tiles fit. Measured on the H200: the default tiles at M = 50 (3 stages x
+# (64 + 2 x 32 rows) x 256 x 2 bytes = 192 KiB by this count) launch; at M = 100 (128-row blocks, 288 KiB by this
+# count) Triton asked for 256 KiB and the launch failed.
 SHARED_MEMORY_BUDGET = 200 * 1024
 
 
