@@ -123,12 +123,23 @@ def _single_pass_kernel(
     o_ref[pl.ds(row_start, block_rows), :] = normalize(acc, total).astype(o_ref.dtype)
 
 
+def _check_prefix_pair(k_prefix, v_prefix):
+    if k_prefix.ndim != 4 or k_prefix.shape != v_prefix.shape:
+        raise ValueError(f"k_prefix and v_prefix must both be [B,S,K,H]; got {k_prefix.shape=}, {v_prefix.shape=}")
+
+
+def _check_prefix_lengths(prefix_lengths, b):
+    if prefix_lengths.shape != (b,) or not jnp.issubdtype(prefix_lengths.dtype, jnp.integer):
+        raise ValueError(
+            f"prefix_lengths must be integer [B] with {b=}; got {prefix_lengths.shape=}, {prefix_lengths.dtype=}"
+        )
+
+
 def _check_inputs(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self):
     if q.ndim != 4:
         raise ValueError(f"q must be [B,T,N,H]; got {q.shape=}")
     b, t, n, h = q.shape
-    if k_prefix.ndim != 4 or k_prefix.shape != v_prefix.shape:
-        raise ValueError(f"k_prefix and v_prefix must both be [B,S,K,H]; got {k_prefix.shape=}, {v_prefix.shape=}")
+    _check_prefix_pair(k_prefix, v_prefix)
     if k_self.ndim != 4 or k_self.shape != v_self.shape:
         raise ValueError(f"k_self and v_self must both be [B,T,K,H]; got {k_self.shape=}, {v_self.shape=}")
     kh = k_prefix.shape[2]
@@ -143,10 +154,7 @@ def _check_inputs(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self):
             f"q and all K/V must share a dtype; got {q.dtype=}, {k_prefix.dtype=}, {v_prefix.dtype=}, "
             f"{k_self.dtype=}, {v_self.dtype=}"
         )
-    if prefix_lengths.shape != (b,) or not jnp.issubdtype(prefix_lengths.dtype, jnp.integer):
-        raise ValueError(
-            f"prefix_lengths must be integer [B] with {b=}; got {prefix_lengths.shape=}, {prefix_lengths.dtype=}"
-        )
+    _check_prefix_lengths(prefix_lengths, b)
 
 
 def gqa_cross_attention(
@@ -258,18 +266,14 @@ def _check_packed_inputs(qkv, k_prefix, v_prefix, prefix_lengths):
         raise ValueError(f"qkv must be [B,T,K,G+2,H] (per KV head: G >= 1 query heads, then k, then v); got "
                          f"{qkv.shape=}")
     b, _, kh, _, h = qkv.shape
-    if k_prefix.ndim != 4 or k_prefix.shape != v_prefix.shape:
-        raise ValueError(f"k_prefix and v_prefix must both be [B,S,K,H]; got {k_prefix.shape=}, {v_prefix.shape=}")
+    _check_prefix_pair(k_prefix, v_prefix)
     if (k_prefix.shape[0], k_prefix.shape[2], k_prefix.shape[3]) != (b, kh, h):
         raise ValueError(f"k_prefix [B,S,K,H] must match qkv [B,T,K,G+2,H] in B, K and H; got {qkv.shape=}, "
                          f"{k_prefix.shape=}")
     if len({qkv.dtype, k_prefix.dtype, v_prefix.dtype}) != 1:
         raise ValueError(f"qkv and the prefix K/V must share a dtype; got {qkv.dtype=}, {k_prefix.dtype=}, "
                          f"{v_prefix.dtype=}")
-    if prefix_lengths.shape != (b,) or not jnp.issubdtype(prefix_lengths.dtype, jnp.integer):
-        raise ValueError(
-            f"prefix_lengths must be integer [B] with {b=}; got {prefix_lengths.shape=}, {prefix_lengths.dtype=}"
-        )
+    _check_prefix_lengths(prefix_lengths, b)
 
 
 def unpack_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -40,7 +40,6 @@ import jax.numpy as jnp
 # compile, so the second call of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
 from pallas_kernels import gqa_cross_attention
-from pallas_kernels.gqa_cross_attention import COMBINES
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes, geglu_matmul, skinny_matmul
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
@@ -115,8 +114,9 @@ class FastPathOptions:
             raise ValueError(f"expert_geglu must be one of {EXPERT_MATMULS}, got {self.expert_geglu!r}")
         if self.expert_projections not in EXPERT_MATMULS:
             raise ValueError(f"expert_projections must be one of {EXPERT_MATMULS}, got {self.expert_projections!r}")
-        if self.cross_attention_combine not in COMBINES:
-            raise ValueError(f"cross_attention_combine must be one of {COMBINES}, got {self.cross_attention_combine!r}")
+        if self.cross_attention_combine not in gqa_cross_attention.COMBINES:
+            raise ValueError(f"cross_attention_combine must be one of {gqa_cross_attention.COMBINES}, got "
+                             f"{self.cross_attention_combine!r}")
         if self.prefill_block_rows < 16 or self.prefill_block_rows & (self.prefill_block_rows - 1):
             raise ValueError(f"prefill_block_rows must be a power of 2 >= 16, got {self.prefill_block_rows=}")
         if self.bucket_size < 1:

@@ -44,6 +44,11 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def versus(actions, base, label: str = "first") -> str:
+    """The two accuracy metrics of `actions` against `base`, for a result line."""
+    return f"  vs {label}: cos {cosine(actions, base):.6f} rel {rel_err(actions, base):.1e}"
+
+
 def median_seconds(fn, *args, repeats: int = 30, warmup: int = 3) -> float:
     """Median wall time of `fn(*args)` with block_until_ready, after `warmup` untimed calls."""
     for _ in range(warmup):

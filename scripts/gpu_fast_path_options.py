@@ -17,7 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from gpu_common import cosine, random_model, rel_err, say, time_sample
+from gpu_common import random_model, say, time_sample, versus
 
 from pi05_jax import fast_path, sampler
 
@@ -49,7 +49,7 @@ def main():
         if first_actions is None:
             first_actions = actions
         else:
-            line += f"  vs first: cos {cosine(actions, first_actions):.6f} rel {rel_err(actions, first_actions):.1e}"
+            line += versus(actions, first_actions)
         say(line)
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gpu_common import cosine, random_model, rel_err, say
+from gpu_common import random_model, say, versus
 
 from pallas_kernels import gqa_cross_attention
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes
@@ -89,7 +89,7 @@ def main():
         if first is None:
             first = actions
         else:
-            line += f"  vs first: cos {cosine(actions, first):.6f} rel {rel_err(actions, first):.1e}"
+            line += versus(actions, first)
         say(line)
 
 
