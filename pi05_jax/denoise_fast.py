@@ -122,26 +122,37 @@ def xla_attn_out(o, attn):
     return weight_einsum("BTNH,NHD->BTD", o, attn["attn_vec_einsum_1"]["w"])
 
 
+def xla_residual_norm(x, y, gate, scale, shift):
+    """Upstream's gated residual then the next adaRMS norm: (x + y * gate, ada_rms_norm(that, scale, shift))."""
+    x = x + y * gate
+    return x, gemma.ada_rms_norm(x, scale, shift)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertMatmuls:
     """The expert layer's matmuls, swappable (the `pallas` fast path runs its skinny kernels on transposed weights):
-    qkv_rotated(h, attn, positions) -> [B,T,K,G+2,H] or None, attn_out(o, attn) -> [B,T,D], mlp(h, mlp) -> [B,T,D]."""
+    qkv_rotated(h, attn, positions) -> [B,T,K,G+2,H] or None, attn_out(o, attn) -> y, mlp(h, mlp) -> y, and
+    residual_norm(x, y, gate, scale, shift) -> (x + y * gate, the adaRMS norm of that), the only reader of the two
+    y's: XLA's ops take y as [B,T,D]; the fast path's fused kernel may take the projections' unreduced split-K
+    partials instead (whatever its attn_out and mlp return)."""
 
     qkv_rotated: Callable = xla_qkv_rotated
     attn_out: Callable = xla_attn_out
     mlp: Callable = gemma.feed_forward
+    residual_norm: Callable = xla_residual_norm
 
 
 XLA_MATMULS = ExpertMatmuls()
 
 
-def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend, ops: ExpertMatmuls = XLA_MATMULS):
+def _expert_layer(x, h, p, ck, cv, mods_attn, mods_ffw, next_norm, positions, attend,
+                  ops: ExpertMatmuls = XLA_MATMULS):
     """One action-expert layer, the body of `gemma.expert_forward` (same ops in the same order; a layer with a fused
-    QKV weight runs the same elementwise ops on one GEMM's output)."""
-    s1, sh1, g1 = mods_attn
-    s2, sh2, g2 = mods_ffw
+    QKV weight runs the same elementwise ops on one GEMM's output). Takes the residual stream x and its first norm
+    h; returns the new x and its norm under `next_norm` (scale, shift): the next layer's first norm or the final
+    norm, so each gated residual and the norm after it are one `ops.residual_norm`."""
+    _, _, g1 = mods_attn
     attn = p["attn"]
-    h = gemma.ada_rms_norm(x, s1, sh1)
     attend_packed = getattr(attend, "packed", None)
     qkv = ops.qkv_rotated(h, attn, positions) if attend_packed is not None else None
     if qkv is not None:
@@ -151,9 +162,9 @@ def _expert_layer(x, p, ck, cv, mods_attn, mods_ffw, positions, attend, ops: Exp
         # fused q/k/v weight (pi05_jax.weight_packing): one GEMM, RoPE on q and k together; else two GEMMs
         q, k, v = gemma.qkv_any(h, attn, "_1", positions)
         o = attend(q, ck, cv, k, v)
-    x = x + ops.attn_out(o, attn) * g1
-    h = gemma.ada_rms_norm(x, s2, sh2)
-    return x + ops.mlp(h, p["mlp_1"]) * g2
+    s2, sh2, g2 = mods_ffw
+    x, h = ops.residual_norm(x, ops.attn_out(o, attn), g1, s2, sh2)
+    return ops.residual_norm(x, ops.mlp(h, p["mlp_1"]), g2, *next_norm)
 
 
 def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_layers: bool,
@@ -175,11 +186,13 @@ def expert_forward(llm_params, x, mods, kv_cache, positions, attend, *, unroll_l
                          f"{depth} layers")
     layers = layer_stack.unstack(lp)  # unstacked: as it is; stacked: static slices
     mods_attn, mods_ffw = (layer_stack.split_layers(mods[k], depth) for k in ("attn", "ffw"))
+    s, sh, _ = mods_attn[0]
+    h = gemma.ada_rms_norm(x, s, sh)
     for layer in range(depth):
-        x = _expert_layer(x, layers[layer], cache_k[layer], cache_v[layer], mods_attn[layer], mods_ffw[layer],
-                          positions, attend, ops)
-    s, sh, _ = mods["final"]
-    return gemma.ada_rms_norm(x, s, sh)
+        s, sh, _ = mods_attn[layer + 1] if layer + 1 < depth else mods["final"]
+        x, h = _expert_layer(x, h, layers[layer], cache_k[layer], cache_v[layer], mods_attn[layer],
+                             mods_ffw[layer], (s, sh), positions, attend, ops)
+    return h
 
 
 def default_unroll_steps(params) -> bool:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 # compile, so the second call of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
 from pallas_kernels import gqa_cross_attention
+from pallas_kernels.residual_norm import ResidualNormBlockSizes, gated_residual_norm
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes, geglu_matmul, skinny_matmul
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
@@ -50,6 +51,8 @@ ATTENTIONS = ("xla", "pallas")
 VISION_ATTENTIONS = ("xla", "pallas")
 CROSS_ATTENTION_QKV = ("packed", "split")
 EXPERT_MATMULS = ("pallas", "xla")
+# the expert's projections: all three in Pallas (QKV needs the packed attention), attention-out and down only, none
+EXPERT_PROJECTIONS = ("xla", "pallas", "out_down")
 DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes()
 DEFAULT_GEGLU_TILES = SkinnyBlockSizes()
 
@@ -75,9 +78,15 @@ class FastPathOptions:
     # "xla" (XLA's GEMM on openpi's layout, then the GeGLU fusion). attention="xla" always runs XLA's.
     expert_geglu: str = "pallas"
     expert_geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES  # tiles of that kernel
-    # the expert's QKV, attention-out and down projections with attention="pallas" and cross_attention_qkv="packed":
-    # "pallas" (pallas_kernels.skinny_matmul.skinny_matmul, K split, on transposed copies made by prepare) or "xla"
+    # the expert's QKV, attention-out and down projections with attention="pallas": "pallas" (all three as
+    # pallas_kernels.skinny_matmul.skinny_matmul, K split, on transposed copies made by prepare; QKV only with
+    # cross_attention_qkv="packed"), "out_down" (attention-out and down in Pallas, QKV in XLA) or "xla"
     expert_projections: str = "xla"
+    # the expert's gated residual adds and the adaRMS norm after each, with attention="pallas": "pallas"
+    # (pallas_kernels.residual_norm.gated_residual_norm: one kernel for both, summing a Pallas projection's split-K
+    # partials itself) or "xla" (XLA's residual fusion, then its norm fusion)
+    expert_residual_norm: str = "xla"
+    expert_residual_norm_tiles: ResidualNormBlockSizes = ResidualNormBlockSizes()  # rows per program of that kernel
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (see compact_prefix.DEFAULT_BUCKET_SIZE)
     # Euler steps as straight-line code (True) or a lax.fori_loop (False); None: a fori_loop on unstacked layers (its
     # weights are loop invariants; 18 layer bodies to compile, not 180), unrolled on stacked ones (the old default).
@@ -112,8 +121,12 @@ class FastPathOptions:
                              f"{self.cross_attention_qkv!r}")
         if self.expert_geglu not in EXPERT_MATMULS:
             raise ValueError(f"expert_geglu must be one of {EXPERT_MATMULS}, got {self.expert_geglu!r}")
-        if self.expert_projections not in EXPERT_MATMULS:
-            raise ValueError(f"expert_projections must be one of {EXPERT_MATMULS}, got {self.expert_projections!r}")
+        if self.expert_projections not in EXPERT_PROJECTIONS:
+            raise ValueError(f"expert_projections must be one of {EXPERT_PROJECTIONS}, got "
+                             f"{self.expert_projections!r}")
+        if self.expert_residual_norm not in EXPERT_MATMULS:
+            raise ValueError(f"expert_residual_norm must be one of {EXPERT_MATMULS}, got "
+                             f"{self.expert_residual_norm!r}")
         if self.cross_attention_combine not in gqa_cross_attention.COMBINES:
             raise ValueError(f"cross_attention_combine must be one of {gqa_cross_attention.COMBINES}, got "
                              f"{self.cross_attention_combine!r}")
@@ -135,10 +148,18 @@ class FastPathOptions:
         return self.attention == "pallas" and self.expert_geglu == "pallas" and self.fused_expert is None
 
     @property
-    def pallas_projections(self) -> bool:
-        """Whether the expert's projections run the Pallas skinny matmul (its QKV needs the packed attention)."""
-        return (self.attention == "pallas" and self.expert_projections == "pallas" and self.fused_expert is None
-                and self.cross_attention_qkv == "packed")
+    def pallas_projections(self) -> tuple[str, ...]:
+        """The expert's projections that run the Pallas skinny matmul (weight_packing.EXPERT_PROJECTIONS' names;
+        its QKV needs the packed attention); () for none."""
+        if self.attention != "pallas" or self.fused_expert is not None or self.expert_projections == "xla":
+            return ()
+        if self.expert_projections == "pallas" and self.cross_attention_qkv == "packed":
+            return weight_packing.EXPERT_PROJECTIONS
+        return ("attn_out", "down")
+
+    @property
+    def pallas_residual_norm(self) -> bool:
+        return self.attention == "pallas" and self.expert_residual_norm == "pallas" and self.fused_expert is None
 
 
 # --- attention callables ------------------------------------------------------------------------------------------
@@ -175,21 +196,36 @@ def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed",
 QKV_SPLITS, ATTN_OUT_SPLITS, DOWN_SPLITS = 4, 2, 8
 
 
-def _skinny(x, w_t, splits, block_n):
+@dataclasses.dataclass(frozen=True)
+class SplitPartials:
+    """A projection's product left unreduced: float32 split-K partial sums [S, B*T, N] of a [B, T, N] product in
+    `dtype`. Only `pallas_residual_norm` reads it (it sums the splits inside its kernel)."""
+
+    parts: jnp.ndarray
+    shape: tuple[int, ...]
+    dtype: jnp.dtype
+
+
+def _skinny(x, w_t, splits, block_n, *, reduce: bool = True):
     """x [..., K] @ w_t [N, K]^T in x's dtype: the K splits' float32 partials summed (XLA fuses the sum and the
-    rounding into the op that consumes them, as with its own split-K GEMMs)."""
+    rounding into the op that consumes them, as with its own split-K GEMMs), or with reduce=False left as
+    SplitPartials for the fused residual + norm kernel."""
     lead, k = x.shape[:-1], x.shape[-1]
     while splits > 1 and (k % splits or k // splits < 16):  # small models (the tiny config): fewer splits
         splits //= 2
     parts = skinny_matmul(x.reshape(-1, k), w_t.reshape(-1, k).astype(x.dtype), k_splits=splits,
                           block_sizes=SkinnyBlockSizes(block_n=block_n))
-    return parts.sum(0).astype(x.dtype).reshape(*lead, *w_t.shape[:-1])
+    shape = (*lead, *w_t.shape[:-1])
+    if not reduce:
+        return SplitPartials(parts, shape, x.dtype)
+    return parts.sum(0).astype(x.dtype).reshape(shape)
 
 
-def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES):
+def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES, *, reduce: bool = True):
     """gemma.feed_forward with the gate/up GEMM and GeGLU in pallas_kernels.skinny_matmul.geglu_matmul when the
     layer holds the transposed gating weight, and the down projection in skinny_matmul when it holds `linear_t`
-    (weight_packing); XLA's einsums for whatever is not transposed (e.g. quantized)."""
+    (weight_packing; reduce=False: its SplitPartials); XLA's einsums for whatever is not transposed (e.g.
+    quantized)."""
     w_t = mlp.get("gating_einsum_t")
     if w_t is None:
         if "linear_t" not in mlp:
@@ -200,7 +236,7 @@ def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILE
         b, t, d = h.shape
         hidden = geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype), block_sizes=geglu_tiles).reshape(b, t, -1)
     if "linear_t" in mlp:
-        return _skinny(hidden, mlp["linear_t"], DOWN_SPLITS, 64)
+        return _skinny(hidden, mlp["linear_t"], DOWN_SPLITS, 64, reduce=reduce)
     return weight_einsum("BTF,FD->BTD", hidden, mlp["linear"])
 
 
@@ -211,22 +247,43 @@ def pallas_qkv_rotated(h, attn, positions):
     return gemma.rotate_packed_qkv(_skinny(h, w_t["w"], QKV_SPLITS, 64), positions)  # w_t [K, G+2, H, D]
 
 
-def pallas_attn_out(o, attn):
+def pallas_attn_out(o, attn, *, reduce: bool = True):
     w_t = attn.get("attn_vec_einsum_1_t")
     if w_t is None:
         return denoise_fast.xla_attn_out(o, attn)
     b, t = o.shape[:2]
-    return _skinny(o.reshape(b, t, -1), w_t["w"], ATTN_OUT_SPLITS, 32)  # w_t [D, N*H]
+    return _skinny(o.reshape(b, t, -1), w_t["w"], ATTN_OUT_SPLITS, 32, reduce=reduce)  # w_t [D, N*H]
+
+
+def pallas_residual_norm(x, y, gate, scale, shift, tiles: ResidualNormBlockSizes | None = None):
+    """denoise_fast.xla_residual_norm as one kernel (pallas_kernels.residual_norm.gated_residual_norm): y is a
+    projection's SplitPartials (summed in the kernel) or its [B,T,D] product (one split). Modulations that are not
+    one row per width (per-batch tables) take XLA's ops."""
+    b, t, d = x.shape
+    if gate.size != d or scale.size != d or shift.size != d:
+        y = y.parts.sum(0).astype(y.dtype).reshape(y.shape) if isinstance(y, SplitPartials) else y
+        return denoise_fast.xla_residual_norm(x, y, gate, scale, shift)
+    parts = y.parts if isinstance(y, SplitPartials) else y.astype(jnp.float32).reshape(1, b * t, d)
+    x_new, h = gated_residual_norm(parts, x.reshape(b * t, d), gate, scale, shift, block_sizes=tiles)
+    return x_new.reshape(b, t, d), h.reshape(b, t, d)
 
 
 def expert_matmuls(options: FastPathOptions) -> denoise_fast.ExpertMatmuls:
-    """The expert layer's matmuls for these options: the Pallas skinny kernels where prepare transposed weights."""
-    mlp = functools.partial(pallas_expert_mlp, geglu_tiles=options.expert_geglu_tiles)
-    if options.pallas_projections:
-        return denoise_fast.ExpertMatmuls(qkv_rotated=pallas_qkv_rotated, attn_out=pallas_attn_out, mlp=mlp)
-    if options.pallas_geglu:
-        return denoise_fast.ExpertMatmuls(mlp=mlp)
-    return denoise_fast.XLA_MATMULS
+    """The expert layer's matmuls for these options: the Pallas skinny kernels where prepare transposed weights;
+    with the Pallas residual + norm, the attention-out and down projections hand it their unreduced partials."""
+    fused_norm = options.pallas_residual_norm
+    reduce = not fused_norm
+    projections = options.pallas_projections
+    ops = {}
+    if options.pallas_geglu or "down" in projections:
+        ops["mlp"] = functools.partial(pallas_expert_mlp, geglu_tiles=options.expert_geglu_tiles, reduce=reduce)
+    if "qkv" in projections:
+        ops["qkv_rotated"] = pallas_qkv_rotated
+    if "attn_out" in projections:
+        ops["attn_out"] = functools.partial(pallas_attn_out, reduce=reduce)
+    if fused_norm:
+        ops["residual_norm"] = functools.partial(pallas_residual_norm, tiles=options.expert_residual_norm_tiles)
+    return denoise_fast.ExpertMatmuls(**ops) if ops else denoise_fast.XLA_MATMULS
 
 
 def _attentions(options: FastPathOptions):

@@ -41,6 +41,7 @@ from pi05_jax import layer_stack
 from pi05_jax.leaf_cache import LeafCache
 
 GEMMA_STREAMS = ("", "_1")  # the prefix stream's keys, the expert's keys
+EXPERT_PROJECTIONS = ("qkv", "attn_out", "down")  # PackOptions.transpose_expert_projections' names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,20 +52,24 @@ class PackOptions:
     pad_siglip_heads: bool = False  # needs fuse_siglip_qkv
     pad_multiple: int = 128  # SigLIP mlp_dim and (if padded) head_dim round up to this
     transpose_expert_gating: bool = False  # expert gating_einsum [2, D, F] -> gating_einsum_t [2, F, D]
-    # the expert's fused QKV, attention-out and down weights stored [N, K] (qkv_einsum_1_t, attn_vec_einsum_1_t,
-    # linear_t); needs fuse_gemma_qkv for the QKV part
-    transpose_expert_projections: bool = False
+    # which of the expert's projections are stored [N, K], a subset of EXPERT_PROJECTIONS: "qkv" (the fused QKV ->
+    # qkv_einsum_1_t; needs fuse_gemma_qkv), "attn_out" (attn_vec_einsum_1_t), "down" (linear_t)
+    transpose_expert_projections: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.pad_multiple < 1:
             raise ValueError(f"pad_multiple must be >= 1, got {self.pad_multiple=}")
+        unknown = set(self.transpose_expert_projections) - set(EXPERT_PROJECTIONS)
+        if isinstance(self.transpose_expert_projections, str) or unknown:
+            raise ValueError(f"transpose_expert_projections must be a tuple of names from {EXPERT_PROJECTIONS}; got "
+                             f"{self.transpose_expert_projections=}")
         if self.pad_siglip_heads and not self.fuse_siglip_qkv:
             raise ValueError("pad_siglip_heads pads the fused SigLIP q/k/v weight: it needs fuse_siglip_qkv=True")
 
     @property
     def any(self) -> bool:
         return (self.fuse_gemma_qkv or self.fuse_siglip_qkv or self.pad_siglip_mlp or self.transpose_expert_gating
-                or self.transpose_expert_projections)
+                or bool(self.transpose_expert_projections))
 
 
 def is_array(w) -> bool:
@@ -120,25 +125,26 @@ def _transpose_gating(mlp: dict) -> dict:
     return out
 
 
-def _transpose_projections(layer: dict) -> dict:
-    """The expert's fused QKV [D, K, G+2, H] -> [K, G+2, H, D], attn_vec_einsum_1 [N, H, D] -> [D, N*H], linear
-    [F, D] -> [D, F]: each as `{name}_t` in place of the original; quantized or unfused weights stay as they are."""
+def _transpose_projections(layer: dict, names: tuple[str, ...]) -> dict:
+    """Of `names`: the expert's fused QKV [D, K, G+2, H] -> [K, G+2, H, D] ("qkv"), attn_vec_einsum_1 [N, H, D] ->
+    [D, N*H] ("attn_out"), linear [F, D] -> [D, F] ("down"): each as `{name}_t` in place of the original; quantized
+    or unfused weights stay as they are."""
     attn, mlp = dict(layer["attn"]), dict(layer["mlp_1"])
     qkv = attn.get("qkv_einsum_1", {}).get("w")
-    if qkv is not None and is_array(qkv):
+    if "qkv" in names and qkv is not None and is_array(qkv):
         del attn["qkv_einsum_1"]
         attn["qkv_einsum_1_t"] = {"w": jnp.transpose(jnp.asarray(qkv), (1, 2, 3, 0))}
     out = attn["attn_vec_einsum_1"]["w"]
-    if is_array(out):
+    if "attn_out" in names and is_array(out):
         del attn["attn_vec_einsum_1"]
         attn["attn_vec_einsum_1_t"] = {"w": jnp.asarray(out).reshape(-1, out.shape[-1]).T}
-    if is_array(mlp["linear"]):
+    if "down" in names and is_array(mlp["linear"]):
         mlp["linear_t"] = jnp.asarray(mlp.pop("linear")).T
     return {**layer, "attn": attn, "mlp_1": mlp}
 
 
 def pack_gemma_layers(layers: tuple, *, fuse_qkv: bool = True, transpose_expert_gating: bool = False,
-                      transpose_expert_projections: bool = False) -> tuple:
+                      transpose_expert_projections: tuple[str, ...] = ()) -> tuple:
     """Every layer's q/kv fused, both streams (the prefix stream of the last layer is kept: it computes KV only);
     with transpose_expert_gating, the expert's gating_einsum stored [2, F, D] as `gating_einsum_t` (the Pallas
     GeGLU matmul reads each program's output columns as one contiguous slab: pallas_kernels.skinny_matmul)."""
@@ -155,7 +161,7 @@ def pack_gemma_layers(layers: tuple, *, fuse_qkv: bool = True, transpose_expert_
         if transpose_expert_gating and "mlp_1" in layer:
             layer["mlp_1"] = _transpose_gating(layer["mlp_1"])
         if transpose_expert_projections and "mlp_1" in layer:
-            layer = _transpose_projections(layer)
+            layer = _transpose_projections(layer, transpose_expert_projections)
         out.append(layer)
     return tuple(out)
 

@@ -26,28 +26,23 @@ import jax.numpy as jnp
 import numpy as np
 from gpu_common import random_model, say, versus
 
-from pallas_kernels import gqa_cross_attention
-from pallas_kernels.skinny_matmul import SkinnyBlockSizes
+from pallas_kernels.residual_norm import ResidualNormBlockSizes
 from pi05_jax import fast_path
 
-TILES = gqa_cross_attention.BlockSizes()
+P = dict(attention="pallas")
+FUSED_NORM = dict(P, expert_residual_norm="pallas")
 VARIANTS = {
-    "default": fast_path.FastPathOptions(attention="pallas"),
-    "cross-attention 4 warps": fast_path.FastPathOptions(
-        attention="pallas", cross_attention_tiles=dataclasses.replace(TILES, num_warps=4)),
-    "cross-attention 64-key splits": fast_path.FastPathOptions(
-        attention="pallas", cross_attention_tiles=dataclasses.replace(TILES, split_k=64)),
-    "cross-attention 16-row blocks": fast_path.FastPathOptions(
-        attention="pallas", cross_attention_tiles=dataclasses.replace(TILES, block_rows=16)),
-    "cross-attention 64-key splits, 4 warps": fast_path.FastPathOptions(
-        attention="pallas", cross_attention_tiles=dataclasses.replace(TILES, split_k=64, num_warps=4)),
-    "GeGLU tiles n32 k128 4 stages": fast_path.FastPathOptions(
-        attention="pallas", expert_geglu_tiles=SkinnyBlockSizes(block_k=128, num_stages=4)),
-    "GeGLU tiles n64 k128": fast_path.FastPathOptions(
-        attention="pallas", expert_geglu_tiles=SkinnyBlockSizes(block_n=64, block_k=128)),
-    "GeGLU tiles n32 k256 8 warps": fast_path.FastPathOptions(
-        attention="pallas", expert_geglu_tiles=SkinnyBlockSizes(num_warps=8)),
-    "default, again": fast_path.FastPathOptions(attention="pallas", bucket_size=64),
+    "default": fast_path.FastPathOptions(**P),
+    "residual+norm pallas, out/down pallas": fast_path.FastPathOptions(**FUSED_NORM, expert_projections="out_down"),
+    "residual+norm pallas (1 row), out/down pallas": fast_path.FastPathOptions(
+        **FUSED_NORM, expert_projections="out_down", expert_residual_norm_tiles=ResidualNormBlockSizes(block_m=1)),
+    "residual+norm pallas (8 rows), out/down pallas": fast_path.FastPathOptions(
+        **FUSED_NORM, expert_projections="out_down", expert_residual_norm_tiles=ResidualNormBlockSizes(block_m=8)),
+    "residual+norm pallas, all projections pallas": fast_path.FastPathOptions(
+        **FUSED_NORM, expert_projections="pallas"),
+    "residual+norm pallas, XLA projections": fast_path.FastPathOptions(**FUSED_NORM),
+    "out/down pallas, XLA residual+norm": fast_path.FastPathOptions(**P, expert_projections="out_down"),
+    "default, again": fast_path.FastPathOptions(**P, bucket_size=64),
 }
 
 

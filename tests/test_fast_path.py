@@ -192,6 +192,8 @@ def test_bad_options_are_rejected():
         fast_path.FastPathOptions(expert_geglu="cuda")
     with pytest.raises(ValueError, match="expert_projections"):
         fast_path.FastPathOptions(expert_projections="cuda")
+    with pytest.raises(ValueError, match="expert_residual_norm"):
+        fast_path.FastPathOptions(expert_residual_norm="cuda")
     with pytest.raises(ValueError, match="cross_attention_qkv"):
         fast_path.FastPathOptions(cross_attention_qkv="fused")
 
@@ -210,6 +212,12 @@ OPTION_VARIANTS = {
     "expert-projections-pallas": fast_path.FastPathOptions(attention="pallas", expert_projections="pallas"),
     "expert-projections-pallas-xla-geglu": fast_path.FastPathOptions(attention="pallas", expert_projections="pallas",
                                                                      expert_geglu="xla"),
+    "residual-norm-pallas-out-down": fast_path.FastPathOptions(attention="pallas", expert_projections="out_down",
+                                                               expert_residual_norm="pallas"),
+    "residual-norm-pallas-all-projections": fast_path.FastPathOptions(
+        attention="pallas", expert_projections="pallas", expert_residual_norm="pallas"),
+    "residual-norm-pallas-xla-projections": fast_path.FastPathOptions(attention="pallas",
+                                                                      expert_residual_norm="pallas"),
 }
 
 

@@ -13,6 +13,7 @@ from pallas_kernels import ada_norm_matmul as anm
 from pallas_kernels import gqa_cross_attention as gqa
 from pallas_kernels import matmul_gated_residual as mgr
 from pallas_kernels import ragged_prefill_attention as rpa
+from pallas_kernels import residual_norm as rn
 from pallas_kernels import skinny_matmul as skinny
 
 pytestmark = pytest.mark.gpu
@@ -105,6 +106,18 @@ def test_skinny_matmul(k, n, splits):
     w_t = normal(rng, (n, k), k**-0.5, jnp.bfloat16)
     got = skinny.skinny_matmul(x, w_t, k_splits=splits, interpret=False)
     assert rel_err(got, skinny.skinny_matmul_reference(x, w_t, k_splits=splits)) <= 1e-5
+
+
+@pytest.mark.parametrize("splits,m,dtype", [(8, 50, jnp.bfloat16), (2, 100, jnp.bfloat16), (8, 50, jnp.float32)],
+                         ids=["down_batch1", "attn_out_batch2", "down_batch1_f32"])
+def test_gated_residual_norm(splits, m, dtype):
+    rng = np.random.default_rng(7)
+    parts = normal(rng, (splits, m, 1024))
+    x = normal(rng, (m, 1024), 3.0, dtype)
+    gate, scale, shift = (normal(rng, (1, 1, 1024), 0.5, dtype) for _ in range(3))
+    got = rn.gated_residual_norm(parts, x, gate, scale, shift, interpret=False)
+    for g, w in zip(got, rn.gated_residual_norm_reference(parts, x, gate, scale, shift), strict=True):
+        assert rel_err(g, w) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("shape,lengths", [((576, 8, 1, 256), [572]), ((256, 16, 16, 128), [256, 256])],

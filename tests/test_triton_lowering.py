@@ -21,6 +21,7 @@ from pallas_kernels.fp8_matmul import fp8_matmul
 from pallas_kernels.gqa_cross_attention import BlockSizes, gqa_cross_attention, gqa_cross_attention_packed
 from pallas_kernels.matmul_gated_residual import matmul_gated_residual
 from pallas_kernels.ragged_prefill_attention import ragged_prefill_attention
+from pallas_kernels.residual_norm import gated_residual_norm
 from pallas_kernels.skinny_matmul import geglu_matmul, skinny_matmul
 
 S = jax.ShapeDtypeStruct
@@ -53,6 +54,10 @@ CASES = {
     "skinny_matmul (expert down projection, 8 K splits)": (
         lambda x, w: skinny_matmul(x, w, k_splits=8, interpret=False),
         (S((50, 4096), BF16), S((1024, 4096), BF16))),
+    "gated_residual_norm (expert residual + adaRMS on the down projection's 8 splits)": (
+        lambda p, x, g, sc, sh: gated_residual_norm(p, x, g, sc, sh, interpret=False),
+        (S((8, 50, 1024), F32), S((50, 1024), BF16), S((1, 1, 1024), BF16), S((1, 1, 1024), BF16),
+         S((1, 1, 1024), BF16))),
     "ada_norm_matmul_rope": (
         lambda x, g, w, sw, c, s, i: ada_norm_matmul_rope(x, g, w, sw, c, s, group=8, step=i, interpret=False),
         (S((64, 1024), F32), S((10, 1024), F32), S((1024, 10, 2, 128), BF16), S((10, 10, 2, 128), F32),

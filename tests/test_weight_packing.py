@@ -177,7 +177,8 @@ def test_transposed_expert_projections_run_the_same_layer(unstacked):
     `_t` leaves in place of the originals; the fast path's Pallas ops on them equal XLA's on the originals."""
     options = weight_packing.PackOptions(fuse_siglip_qkv=False, pad_siglip_mlp=False)
     fused = weight_packing.pack_weights(unstacked, options)["PaliGemma"]["llm"]["layers"][0]
-    moved = weight_packing.pack_weights(unstacked, dataclasses.replace(options, transpose_expert_projections=True))
+    moved = weight_packing.pack_weights(unstacked, dataclasses.replace(
+        options, transpose_expert_projections=weight_packing.EXPERT_PROJECTIONS))
     moved = moved["PaliGemma"]["llm"]["layers"][0]
     assert {"qkv_einsum_1_t", "attn_vec_einsum_1_t"} <= set(moved["attn"]) and "linear_t" in moved["mlp_1"]
     assert not {"qkv_einsum_1", "attn_vec_einsum_1"} & set(moved["attn"]) and "linear" not in moved["mlp_1"]
@@ -199,6 +200,18 @@ def test_transposed_expert_projections_run_the_same_layer(unstacked):
     for want, got in pairs:
         assert got.shape == want.shape
         assert rel_err(np.asarray(got), np.asarray(want)) <= PACKED_TOL["float32"]
+
+
+def test_transposed_expert_projections_subset(unstacked):
+    """Only the named projections move: ("attn_out", "down") keeps the fused QKV weight for XLA's GEMM."""
+    options = weight_packing.PackOptions(fuse_siglip_qkv=False, pad_siglip_mlp=False,
+                                         transpose_expert_projections=("attn_out", "down"))
+    layer = weight_packing.pack_weights(unstacked, options)["PaliGemma"]["llm"]["layers"][0]
+    assert {"qkv_einsum_1", "attn_vec_einsum_1_t"} <= set(layer["attn"]) and "linear_t" in layer["mlp_1"]
+    assert not {"qkv_einsum_1_t", "attn_vec_einsum_1"} & set(layer["attn"])
+    for bad in ("down", ("down", "up")):
+        with pytest.raises(ValueError, match="transpose_expert_projections"):
+            weight_packing.PackOptions(transpose_expert_projections=bad)
 
 
 # --- the fast path end to end ---------------------------------------------------------------------------------------

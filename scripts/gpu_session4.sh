@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Session 4's device calls. Usage (device machine, repo root): bash scripts/gpu_session4.sh STAGE OUTDIR
+#   variants: the new kernel on the card (pytest -m gpu), then the residual + norm variants interleaved
+#   final:    bench reference vs pallas, the launch profile, the float32 parity at full width, the soak
+set -uo pipefail
+stage=${1:?stage: variants or final}
+out=${2:-/tmp/session4}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+case "$stage" in
+variants)
+  echo "=== pytest -m gpu (new and skinny kernels)"
+  timeout 150 python3 -m pytest -q -m gpu tests/test_kernels_on_gpu.py -k "gated_residual_norm or skinny or geglu" \
+    -p no:cacheprovider 2>&1 | tail -5 | tee "$out/gpu_tests.log"
+  echo "=== interleaved variants"
+  timeout 380 python3 scripts/gpu_interleaved.py --rounds 10 --per-round 10 2>&1 \
+    | grep -v "^\[.*\] \(load\|build\|init\)" | tee "$out/interleaved.log"
+  ;;
+final)
+  echo "=== bench reference,pallas"
+  timeout 170 python3 -m pi05_jax.cli bench --preset full --views 2 --prompt-len 60 --steps 10 \
+    --kernels reference,pallas --runs 20 --json "$out/bench_2v60.json" 2>&1 | grep -v '^\[' | tee "$out/bench_2v60.log"
+  echo "=== profile pallas --no-cuda-graphs"
+  timeout 120 python3 -m pi05_jax.cli profile --preset full --views 2 --prompt-len 60 --steps 10 --runs 3 --quiet \
+    --kernels pallas --no-cuda-graphs --top 45 --json "$out/profile_nograph.json" \
+    > "$out/profile_nograph.log" 2>&1; grep -A30 "^pallas" "$out/profile_nograph.log" | head -60
+  echo "=== float32 parity at full width (2 layers per stack)"
+  timeout 200 python3 scripts/gpu_fast_path.py --no-bf16 2>&1 | tail -8 | tee "$out/fp32_parity.log"
+  echo "=== soak: 1000 pallas calls, weights converted as Model.load does"
+  timeout 90 python3 scripts/gpu_soak.py 1000 pallas deployed 2>&1 | tail -1 | tee "$out/soak.log"
+  ;;
+esac
