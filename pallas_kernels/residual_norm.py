@@ -34,10 +34,11 @@ RMS_EPS = 1e-6  # Gemma's RMSNorm epsilon (pi05_jax.gemma.RMS_EPS)
 
 @dataclasses.dataclass(frozen=True)
 class ResidualNormBlockSizes:
-    """block_m rows per program (a power of two; each program holds [block_m, D] float32 in registers);
-    num_warps / num_stages: Triton launch parameters."""
+    """block_m rows per program (a power of two; each program holds [block_m, D] float32 in registers; one row per
+    program was the fastest of 1 / 4 / 8 in the sampler on the H200, docs/PERF.md); num_warps / num_stages: Triton
+    launch parameters."""
 
-    block_m: int = 4
+    block_m: int = 1
     num_warps: int = 4
     num_stages: int = 1
 

@@ -55,6 +55,27 @@ EXPERT_MATMULS = ("pallas", "xla")
 EXPERT_PROJECTIONS = ("xla", "pallas", "out_down")
 DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes()
 DEFAULT_GEGLU_TILES = SkinnyBlockSizes()
+DEFAULT_RESIDUAL_NORM_TILES = ResidualNormBlockSizes()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionSplits:
+    """(K splits, block_n) of each expert projection's skinny_matmul. The defaults are the fastest of
+    scripts/gpu_skinny_matmul.py at M = 50 on the H200 (the micro-benchmark, each projection alone)."""
+
+    qkv: tuple[int, int] = (4, 64)
+    attn_out: tuple[int, int] = (2, 32)
+    down: tuple[int, int] = (8, 64)
+
+    def __post_init__(self):
+        for name in ("qkv", "attn_out", "down"):
+            splits, block_n = getattr(self, name)
+            if splits < 1 or block_n < 16 or block_n & (block_n - 1):
+                raise ValueError(f"ProjectionSplits.{name} must be (splits >= 1, block_n a power of two >= 16); "
+                                 f"got {name}={getattr(self, name)}")
+
+
+DEFAULT_PROJECTION_SPLITS = ProjectionSplits()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +103,12 @@ class FastPathOptions:
     # pallas_kernels.skinny_matmul.skinny_matmul, K split, on transposed copies made by prepare; QKV only with
     # cross_attention_qkv="packed"), "out_down" (attention-out and down in Pallas, QKV in XLA) or "xla"
     expert_projections: str = "xla"
+    expert_projection_splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS  # their K splits and tiles
     # the expert's gated residual adds and the adaRMS norm after each, with attention="pallas": "pallas"
     # (pallas_kernels.residual_norm.gated_residual_norm: one kernel for both, summing a Pallas projection's split-K
     # partials itself) or "xla" (XLA's residual fusion, then its norm fusion)
     expert_residual_norm: str = "xla"
-    expert_residual_norm_tiles: ResidualNormBlockSizes = ResidualNormBlockSizes()  # rows per program of that kernel
+    expert_residual_norm_tiles: ResidualNormBlockSizes = DEFAULT_RESIDUAL_NORM_TILES  # rows per program of it
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (see compact_prefix.DEFAULT_BUCKET_SIZE)
     # Euler steps as straight-line code (True) or a lax.fori_loop (False); None: a fori_loop on unstacked layers (its
     # weights are loop invariants; 18 layer bodies to compile, not 180), unrolled on stacked ones (the old default).
@@ -192,8 +214,6 @@ def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed",
     return attend
 
 
-# K splits and tiles of the expert's projections at M = 50 (the fastest of scripts/gpu_skinny_matmul.py on the H200)
-QKV_SPLITS, ATTN_OUT_SPLITS, DOWN_SPLITS = 4, 2, 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,11 +226,11 @@ class SplitPartials:
     dtype: jnp.dtype
 
 
-def _skinny(x, w_t, splits, block_n, *, reduce: bool = True):
+def _skinny(x, w_t, split: tuple[int, int], *, reduce: bool = True):
     """x [..., K] @ w_t [N, K]^T in x's dtype: the K splits' float32 partials summed (XLA fuses the sum and the
     rounding into the op that consumes them, as with its own split-K GEMMs), or with reduce=False left as
     SplitPartials for the fused residual + norm kernel."""
-    lead, k = x.shape[:-1], x.shape[-1]
+    (splits, block_n), lead, k = split, x.shape[:-1], x.shape[-1]
     while splits > 1 and (k % splits or k // splits < 16):  # small models (the tiny config): fewer splits
         splits //= 2
     parts = skinny_matmul(x.reshape(-1, k), w_t.reshape(-1, k).astype(x.dtype), k_splits=splits,
@@ -221,7 +241,8 @@ def _skinny(x, w_t, splits, block_n, *, reduce: bool = True):
     return parts.sum(0).astype(x.dtype).reshape(shape)
 
 
-def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES, *, reduce: bool = True):
+def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES, *, reduce: bool = True,
+                      splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS):
     """gemma.feed_forward with the gate/up GEMM and GeGLU in pallas_kernels.skinny_matmul.geglu_matmul when the
     layer holds the transposed gating weight, and the down projection in skinny_matmul when it holds `linear_t`
     (weight_packing; reduce=False: its SplitPartials); XLA's einsums for whatever is not transposed (e.g.
@@ -236,23 +257,23 @@ def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILE
         b, t, d = h.shape
         hidden = geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype), block_sizes=geglu_tiles).reshape(b, t, -1)
     if "linear_t" in mlp:
-        return _skinny(hidden, mlp["linear_t"], DOWN_SPLITS, 64, reduce=reduce)
+        return _skinny(hidden, mlp["linear_t"], splits.down, reduce=reduce)
     return weight_einsum("BTF,FD->BTD", hidden, mlp["linear"])
 
 
-def pallas_qkv_rotated(h, attn, positions):
+def pallas_qkv_rotated(h, attn, positions, *, splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS):
     w_t = attn.get("qkv_einsum_1_t")
     if w_t is None:
         return denoise_fast.xla_qkv_rotated(h, attn, positions)
-    return gemma.rotate_packed_qkv(_skinny(h, w_t["w"], QKV_SPLITS, 64), positions)  # w_t [K, G+2, H, D]
+    return gemma.rotate_packed_qkv(_skinny(h, w_t["w"], splits.qkv), positions)  # w_t [K, G+2, H, D]
 
 
-def pallas_attn_out(o, attn, *, reduce: bool = True):
+def pallas_attn_out(o, attn, *, reduce: bool = True, splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS):
     w_t = attn.get("attn_vec_einsum_1_t")
     if w_t is None:
         return denoise_fast.xla_attn_out(o, attn)
     b, t = o.shape[:2]
-    return _skinny(o.reshape(b, t, -1), w_t["w"], ATTN_OUT_SPLITS, 32, reduce=reduce)  # w_t [D, N*H]
+    return _skinny(o.reshape(b, t, -1), w_t["w"], splits.attn_out, reduce=reduce)  # w_t [D, N*H]
 
 
 def pallas_residual_norm(x, y, gate, scale, shift, tiles: ResidualNormBlockSizes | None = None):
@@ -273,14 +294,15 @@ def expert_matmuls(options: FastPathOptions) -> denoise_fast.ExpertMatmuls:
     with the Pallas residual + norm, the attention-out and down projections hand it their unreduced partials."""
     fused_norm = options.pallas_residual_norm
     reduce = not fused_norm
-    projections = options.pallas_projections
+    projections, splits = options.pallas_projections, options.expert_projection_splits
     ops = {}
     if options.pallas_geglu or "down" in projections:
-        ops["mlp"] = functools.partial(pallas_expert_mlp, geglu_tiles=options.expert_geglu_tiles, reduce=reduce)
+        ops["mlp"] = functools.partial(pallas_expert_mlp, geglu_tiles=options.expert_geglu_tiles, reduce=reduce,
+                                       splits=splits)
     if "qkv" in projections:
-        ops["qkv_rotated"] = pallas_qkv_rotated
+        ops["qkv_rotated"] = functools.partial(pallas_qkv_rotated, splits=splits)
     if "attn_out" in projections:
-        ops["attn_out"] = functools.partial(pallas_attn_out, reduce=reduce)
+        ops["attn_out"] = functools.partial(pallas_attn_out, reduce=reduce, splits=splits)
     if fused_norm:
         ops["residual_norm"] = functools.partial(pallas_residual_norm, tiles=options.expert_residual_norm_tiles)
     return denoise_fast.ExpertMatmuls(**ops) if ops else denoise_fast.XLA_MATMULS

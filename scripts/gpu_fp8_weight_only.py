@@ -2,7 +2,7 @@
 """Weight-only FP8 (`Fp8Options(activations="none")`) on the fast path vs bfloat16 and vs FP8 with quantized
 activations, full size, random weights, 2 views + 60 prompt tokens, 10 steps, batch 1.
 
-    python scripts/gpu_fp8_weight_only.py [--kernels pallas] [--preset full]
+    python scripts/gpu_fp8_weight_only.py [--kernels pallas] [--preset full] [--only "dynamic act."]
 
 One process: the bf16 params, then FP8 copies quantized in memory (`checkpoints.quantize.quantize_params`) for the
 parts listed in VARIANTS; for each variant the sampler's first call (compile + run), the median of 20 warm calls
@@ -29,6 +29,9 @@ from pi05_jax.quantized import fp8_weight as f8
 VARIANTS = {
     "fp8 weight-only, expert": (("expert",), "none"),
     "fp8 weight-only, all": (("siglip", "prefix", "expert"), "none"),
+    # the compute-bound phases only (M ~ 576 prefill, M = 256 per view SigLIP); the expert stays bf16
+    "fp8 dynamic act., prefix": (("prefix",), "dynamic"),
+    "fp8 dynamic act., siglip + prefix": (("siglip", "prefix"), "dynamic"),
 }
 
 
@@ -36,6 +39,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", default="pallas")
     ap.add_argument("--preset", default="full")
+    ap.add_argument("--only", default="", metavar="TEXT",
+                    help="run only the variants whose label contains TEXT (and skip the mixed one)")
     args = ap.parse_args()
     _, built, noise = random_model(args.preset, args.kernels)
 
@@ -48,6 +53,8 @@ def main():
     base = run("bf16", built.params)
     quantized = {}
     for label, spec in VARIANTS.items():
+        if args.only and args.only not in label:
+            continue
         parts, activations = spec
         if parts not in quantized:
             quantized[parts] = jax.block_until_ready(quantize_params(built.params, Plan(parts=parts)))
@@ -55,6 +62,8 @@ def main():
         actions = run(label, params)
         say(f"{'':48s} vs bf16: cosine {cosine(actions, base):.6f}, rel err {rel_err(actions, base):.2e}")
         del params
+    if args.only:
+        return
     # dynamic-activation FP8 for the compute-bound prefix (M ~ 576) with weight-only FP8 for the expert (M = 50)
     expert_prefix = jax.block_until_ready(quantize_params(built.params, Plan(parts=("expert", "prefix"))))
     mixed = jax.tree_util.tree_map_with_path(_expert_weight_only, expert_prefix,

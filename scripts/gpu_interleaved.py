@@ -13,7 +13,6 @@ relative error against the first variant (full size, random bf16 weights, 2 view
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 import sys
 import time
@@ -26,22 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 from gpu_common import random_model, say, versus
 
-from pallas_kernels.residual_norm import ResidualNormBlockSizes
 from pi05_jax import fast_path
+from pi05_jax.fast_path import ProjectionSplits
 
 P = dict(attention="pallas")
-FUSED_NORM = dict(P, expert_residual_norm="pallas")
+FUSED_NORM = dict(P, expert_residual_norm="pallas", expert_projections="out_down")
 VARIANTS = {
     "default": fast_path.FastPathOptions(**P),
-    "residual+norm pallas, out/down pallas": fast_path.FastPathOptions(**FUSED_NORM, expert_projections="out_down"),
-    "residual+norm pallas (1 row), out/down pallas": fast_path.FastPathOptions(
-        **FUSED_NORM, expert_projections="out_down", expert_residual_norm_tiles=ResidualNormBlockSizes(block_m=1)),
-    "residual+norm pallas (8 rows), out/down pallas": fast_path.FastPathOptions(
-        **FUSED_NORM, expert_projections="out_down", expert_residual_norm_tiles=ResidualNormBlockSizes(block_m=8)),
-    "residual+norm pallas, all projections pallas": fast_path.FastPathOptions(
-        **FUSED_NORM, expert_projections="pallas"),
-    "residual+norm pallas, XLA projections": fast_path.FastPathOptions(**FUSED_NORM),
-    "out/down pallas, XLA residual+norm": fast_path.FastPathOptions(**P, expert_projections="out_down"),
+    "residual+norm, out/down pallas (2x32, 8x64)": fast_path.FastPathOptions(**FUSED_NORM),
+    "residual+norm, out/down pallas (2x32, 4x32)": fast_path.FastPathOptions(
+        **FUSED_NORM, expert_projection_splits=ProjectionSplits(down=(4, 32))),
+    "residual+norm, out/down pallas (4x32, 4x64)": fast_path.FastPathOptions(
+        **FUSED_NORM, expert_projection_splits=ProjectionSplits(attn_out=(4, 32), down=(4, 64))),
+    "residual+norm, out/down pallas (4x64, 16x64)": fast_path.FastPathOptions(
+        **FUSED_NORM, expert_projection_splits=ProjectionSplits(attn_out=(4, 64), down=(16, 64))),
+    "residual+norm, out/down pallas (2x16, 8x32)": fast_path.FastPathOptions(
+        **FUSED_NORM, expert_projection_splits=ProjectionSplits(attn_out=(2, 16), down=(8, 32))),
     "default, again": fast_path.FastPathOptions(**P, bucket_size=64),
 }
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Session 4's device calls. Usage (device machine, repo root): bash scripts/gpu_session4.sh STAGE OUTDIR
 #   variants: the new kernel on the card (pytest -m gpu), then the residual + norm variants interleaved
+#   variants2: projection splits under the fused residual + norm, interleaved; FP8 (dynamic activations) on the
+#             compute-bound phases only
 #   final:    bench reference vs pallas, the launch profile, the float32 parity at full width, the soak
 set -uo pipefail
 stage=${1:?stage: variants or final}
@@ -16,6 +18,13 @@ variants)
   echo "=== interleaved variants"
   timeout 380 python3 scripts/gpu_interleaved.py --rounds 10 --per-round 10 2>&1 \
     | grep -v "^\[.*\] \(load\|build\|init\)" | tee "$out/interleaved.log"
+  ;;
+variants2)
+  echo "=== interleaved variants"
+  timeout 300 python3 scripts/gpu_interleaved.py --rounds 10 --per-round 10 2>&1 \
+    | grep -v "^\[.*\] \(load\|build\|init\)" | tee "$out/interleaved.log"
+  echo "=== fp8 on the compute-bound phases"
+  timeout 200 python3 scripts/gpu_fp8_weight_only.py --only "dynamic act." 2>&1 | tee "$out/fp8_dynamic.log"
   ;;
 final)
   echo "=== bench reference,pallas"
