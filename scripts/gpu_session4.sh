@@ -3,7 +3,7 @@
 #   variants: the new kernel on the card (pytest -m gpu), then the residual + norm variants interleaved
 #   variants2: projection splits under the fused residual + norm, interleaved; FP8 (dynamic activations) on the
 #             compute-bound phases only
-#   final:    bench reference vs pallas, the launch profile, the float32 parity at full width, the soak
+#   final:    the skinny matmuls with HBM-cold vs L2-warm weights, the float32 parity at full width, bench
 set -uo pipefail
 stage=${1:?stage: variants or final}
 out=${2:-/tmp/session4}
@@ -27,16 +27,12 @@ variants2)
   timeout 200 python3 scripts/gpu_fp8_weight_only.py --only "dynamic act." 2>&1 | tee "$out/fp8_dynamic.log"
   ;;
 final)
+  echo "=== skinny matmuls: HBM-cold vs L2-warm weights"
+  timeout 120 python3 scripts/gpu_skinny_matmul.py --l2 --repeats 30 2>&1 | tee "$out/skinny_l2.log"
+  echo "=== float32 parity at full width (2 layers per stack)"
+  timeout 240 python3 scripts/gpu_fast_path.py --no-bf16 2>&1 | tail -8 | tee "$out/fp32_parity.log"
   echo "=== bench reference,pallas"
   timeout 170 python3 -m pi05_jax.cli bench --preset full --views 2 --prompt-len 60 --steps 10 \
     --kernels reference,pallas --runs 20 --json "$out/bench_2v60.json" 2>&1 | grep -v '^\[' | tee "$out/bench_2v60.log"
-  echo "=== profile pallas --no-cuda-graphs"
-  timeout 120 python3 -m pi05_jax.cli profile --preset full --views 2 --prompt-len 60 --steps 10 --runs 3 --quiet \
-    --kernels pallas --no-cuda-graphs --top 45 --json "$out/profile_nograph.json" \
-    > "$out/profile_nograph.log" 2>&1; grep -A30 "^pallas" "$out/profile_nograph.log" | head -60
-  echo "=== float32 parity at full width (2 layers per stack)"
-  timeout 200 python3 scripts/gpu_fast_path.py --no-bf16 2>&1 | tail -8 | tee "$out/fp32_parity.log"
-  echo "=== soak: 1000 pallas calls, weights converted as Model.load does"
-  timeout 90 python3 scripts/gpu_soak.py 1000 pallas deployed 2>&1 | tail -1 | tee "$out/soak.log"
   ;;
 esac

@@ -8,6 +8,11 @@ microseconds per layer (median of --repeats calls of the whole chain / 18), the 
 each Pallas variant's relative error against XLA's result (bf16 weights and activations, random, never zeros).
 
     python scripts/gpu_skinny_matmul.py [--repeats 50]
+    python scripts/gpu_skinny_matmul.py --l2   # each op at its default tiles, cold (18 weights) then warm (one)
+
+`--l2` asks how much of each op's time is the weights' trip from HBM: the same chains, once with 18 different
+weights (cold: every layer reads HBM) and once with one weight for all 18 layers (warm: after the first layer the
+weight is in the 50 MB L2), default tiles only.
 """
 
 from __future__ import annotations
@@ -35,8 +40,13 @@ PROJ_TILES = [(32, 256, 4, 4, 3), (32, 256, 8, 4, 3), (64, 256, 8, 4, 3), (32, 1
               (32, 256, 2, 4, 3), (64, 256, 4, 4, 3)]
 
 
+WARM = False  # --l2's second pass: every layer of a chain reads the same weight
+
+
 def _weights(key, shape, scale):
     keys = jax.random.split(key, LAYERS)
+    if WARM:
+        return [(jax.random.normal(keys[0], shape, jnp.float32) * scale).astype(BF16)] * LAYERS
     return [(jax.random.normal(k, shape, jnp.float32) * scale).astype(BF16) for k in keys]
 
 
@@ -61,8 +71,20 @@ def report(label, fn, args, nbytes, repeats, want=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--l2", action="store_true", help="default tiles only, cold weights then L2-warm ones")
     args = ap.parse_args()
     say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    if args.l2:
+        global GEGLU_TILES, PROJ_TILES, WARM
+        GEGLU_TILES, PROJ_TILES = GEGLU_TILES[:1], [(64, 256, 8, 4, 3), (32, 256, 2, 4, 3), (64, 256, 4, 4, 3)]
+        say("cold: 18 weights per chain")
+        run_all(args)
+        WARM = True
+        say("warm: one weight for the 18 layers of a chain (in L2 after the first)")
+    run_all(args)
+
+
+def run_all(args):
     key = jax.random.key(0)
     h0 = jax.random.normal(jax.random.fold_in(key, 1), (M, D), jnp.float32).astype(BF16)
 
