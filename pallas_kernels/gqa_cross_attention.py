@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels._interpret import resolve_interpret
+from pallas_kernels._tiles import pow2_at_least
 from pallas_kernels.ragged_prefill_attention import (
     MIN_TILE,
     REFERENCE_MASK_VALUE,
@@ -66,10 +67,18 @@ class BlockSizes:
     # "xla" (`combine_splits` in plain JAX; XLA makes it ~3 elementwise/reduction kernels)
     combine: str = "xla"
     combine_rows: int = 16  # query rows per program of the Pallas combine
+    # with a `prefetch` array (gqa_cross_attention_packed): extra split slots whose programs stream that array into
+    # L2 while the attention programs run (prefetch_splits * G * token blocks * B * K programs), and the rows of
+    # each of their loads
+    prefetch_splits: int = 4
+    prefetch_rows: int = 16
 
     def __post_init__(self):
         if self.combine not in COMBINES:
             raise ValueError(f"BlockSizes.combine must be one of {COMBINES}; got {self.combine=}")
+        if self.prefetch_splits < 1 or not _is_power_of_2(self.prefetch_rows):
+            raise ValueError(f"BlockSizes needs prefetch_splits >= 1 and a power-of-2 prefetch_rows; got "
+                             f"{self.prefetch_splits=}, {self.prefetch_rows=}")
         for name in ("block_rows", "block_k", "combine_rows"):
             value = getattr(self, name)
             if not (_is_power_of_2(value) and value >= MIN_TILE):
@@ -83,12 +92,13 @@ class BlockSizes:
 def _cross_kernel(
     len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, acc_ref, max_ref, sum_ref,
     *, prefix_len, self_len, num_prefix_splits, split_k, block_rows, block_k, block_k_self, precision,
-    split_axis=2, row_axis=3,
+    split_axis=2, row_axis=3, ids=None,
 ):  # fmt: skip
-    """One (split, row block) of the flash-decoding grid; the grid axes holding them are split_axis / row_axis."""
+    """One (split, row block) of the flash-decoding grid; the grid axes holding them are split_axis / row_axis, or
+    `ids` = (split, row block) read by the caller (program_id cannot be read inside a pl.when in interpret mode)."""
     rows_total, head_dim = q_ref.shape
-    split = pl.program_id(split_axis)
-    row_start = jnp.minimum(pl.program_id(row_axis) * block_rows, rows_total - block_rows)
+    split, row_block = ids if ids is not None else (pl.program_id(split_axis), pl.program_id(row_axis))
+    row_start = jnp.minimum(row_block * block_rows, rows_total - block_rows)
     length = jnp.clip(len_ref[()], 0, prefix_len)
     is_prefix = split < num_prefix_splits
     q = q_ref[pl.ds(row_start, block_rows), :]
@@ -104,6 +114,47 @@ def _cross_kernel(
     acc_ref[pl.ds(row_start, block_rows), :] = acc
     max_ref[pl.ds(row_start, block_rows)] = row_max
     sum_ref[pl.ds(row_start, block_rows)] = row_sum
+
+
+def _prefetch_into_l2(w_ref, sink_ref, program, *, rows_per_program, tile, cols):
+    """Stream rows [program * rows_per_program, +rows_per_program) of w [rows, cols] through L2 (cached there,
+    evicted last) and write their float32 sum to sink[program]: the sum keeps the loads alive, and tests check it."""
+    n_rows, n_cols = w_ref.shape
+    col_ok = (jnp.arange(cols) < n_cols)[None, :]
+    start = program * rows_per_program
+
+    def step(i, acc):
+        r0 = start + i * tile
+        mask = ((r0 + jnp.arange(tile)) < n_rows)[:, None] & col_ok
+        # (jax 0.11.2's Triton lowering cannot take a cache modifier: it checks ".cg" and then looks up "cg")
+        w = plgpu_triton.load(w_ref.at[pl.ds(r0, tile), pl.ds(0, cols)], mask=mask, other=0.0,
+                              eviction_policy="evict_last")
+        return acc + w.astype(jnp.float32)
+
+    acc = jax.lax.fori_loop(0, rows_per_program // tile, step, jnp.zeros((tile, cols), jnp.float32))
+    plgpu_triton.store(sink_ref.at[pl.ds(program, 1)], jnp.sum(acc).reshape(1))
+
+
+def _packed_kernel(len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, *refs, splits, prefetch, **attention):
+    """The packed grid's program: attention for split slots < splits, else (with a prefetch array) an L2 prefetch
+    program; prefetch = None or (its grid shape: slots, G, token blocks; rows per program, tile, padded cols)."""
+    if prefetch is None:
+        _cross_kernel(len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, *refs, **attention)
+        return
+    w_ref, acc_ref, max_ref, sum_ref, sink_ref = refs
+    (extra, g, blocks), rows_per_program, tile, cols = prefetch
+    split, row_block = pl.program_id(2), pl.program_id(4)
+    bk = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
+    program = ((bk * extra + split - splits) * g + pl.program_id(3)) * blocks + row_block
+
+    @pl.when(split < splits)
+    def _():
+        _cross_kernel(len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, acc_ref, max_ref, sum_ref,
+                      ids=(split, row_block), **attention)
+
+    @pl.when(split >= splits)
+    def _():
+        _prefetch_into_l2(w_ref, sink_ref, program, rows_per_program=rows_per_program, tile=tile, cols=cols)
 
 
 def _single_pass_kernel(
@@ -288,6 +339,7 @@ def gqa_cross_attention_packed(
     v_prefix: jax.Array,
     prefix_lengths: jax.Array,
     *,
+    prefetch: jax.Array | None = None,
     block_sizes: BlockSizes = BlockSizes(),
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -299,21 +351,29 @@ def gqa_cross_attention_packed(
     program per (split, query head, block of tokens), q read as a strided [tokens, H] view of its head; the splits
     are combined as in `gqa_cross_attention` (block_sizes.combine). block_rows counts tokens of one head here.
     Returns [B,T,K*G,H] in qkv.dtype. `interpret=None` runs Pallas interpret mode when the backend is the CPU.
+
+    `prefetch` (any array, e.g. the weight the layer reads next): block_sizes.prefetch_splits more split slots of
+    the grid stream it through L2 while the attention programs run (the attention uses few of the SMs and little
+    bandwidth), so the next kernel finds it in L2 instead of HBM. It does not change the result.
     """
     prefix_lengths = jnp.asarray(prefix_lengths)
     _check_packed_inputs(qkv, k_prefix, v_prefix, prefix_lengths)
+    if prefetch is not None and prefetch.ndim < 1:
+        raise ValueError(f"prefetch must be an array with at least one axis; got {prefetch.shape=}")
     if block_sizes.single_pass:
         raise ValueError("gqa_cross_attention_packed runs the flash-decoding split only; got "
                          f"{block_sizes.single_pass=}")
     interpret = resolve_interpret(interpret)
     if not interpret and not _is_power_of_2(qkv.shape[4]):
         raise ValueError(f"the Triton lowering needs a power-of-2 head dim; got {qkv.shape=}")
-    return _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths.astype(jnp.int32), block_sizes=block_sizes,
-                             interpret=interpret)
+    return _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths.astype(jnp.int32), prefetch,
+                             block_sizes=block_sizes, interpret=interpret)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths, *, block_sizes: BlockSizes, interpret: bool):
+def _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths, prefetch=None, *, block_sizes: BlockSizes,
+                      interpret: bool):
+    """(the attention output, the prefetch programs' sums [programs] or None)."""
     b, t, kh, g2, h = qkv.shape
     g = g2 - 2
     s = k_prefix.shape[1]
@@ -328,39 +388,55 @@ def _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths, *, block_sizes: B
     block_rows = tile_for(tp, block_sizes.block_rows)
     block_k_self = tile_for(tp, key_block_for(qkv.dtype, block_sizes.block_k))
 
+    blocks = pl.cdiv(tp, block_rows)
+    extra, prefetch_spec, operands = 0, None, []
+    in_specs = [
+        pl.BlockSpec((None,), lambda bi, ki, ji, gi, ri: (bi,)),
+        pl.BlockSpec((None, tp, None, None, h), lambda bi, ki, ji, gi, ri: (bi, 0, ki, gi, 0)),  # q of head gi
+        pl.BlockSpec((None, k_prefix.shape[1], None, h), lambda bi, ki, ji, gi, ri: (bi, 0, ki, 0)),
+        pl.BlockSpec((None, k_prefix.shape[1], None, h), lambda bi, ki, ji, gi, ri: (bi, 0, ki, 0)),
+        pl.BlockSpec((None, tp, None, None, h), lambda bi, ki, ji, gi, ri: (bi, 0, ki, g, 0)),  # k_self
+        pl.BlockSpec((None, tp, None, None, h), lambda bi, ki, ji, gi, ri: (bi, 0, ki, g + 1, 0)),  # v_self
+    ]
+    if prefetch is not None:
+        extra = block_sizes.prefetch_splits
+        w = prefetch.reshape(-1, prefetch.shape[-1])
+        programs = b * kh * extra * g * blocks
+        tile = min(block_sizes.prefetch_rows, pow2_at_least(pl.cdiv(w.shape[0], programs), 1))
+        rows_per_program = pl.cdiv(pl.cdiv(w.shape[0], programs), tile) * tile
+        prefetch_spec = ((extra, g, blocks), rows_per_program, tile, pow2_at_least(w.shape[1], 16))
+        operands = [w]
+        in_specs.append(pl.BlockSpec(w.shape, lambda bi, ki, ji, gi, ri: (0, 0)))
     kernel = functools.partial(
-        _cross_kernel, prefix_len=s, self_len=t, num_prefix_splits=num_prefix_splits, split_k=split_k,
-        block_rows=block_rows, block_k=block_k, block_k_self=block_k_self, precision=dot_precision(qkv.dtype),
-        split_axis=2, row_axis=4,
+        _packed_kernel, splits=splits, prefetch=prefetch_spec, prefix_len=s, self_len=t,
+        num_prefix_splits=num_prefix_splits, split_k=split_k, block_rows=block_rows, block_k=block_k,
+        block_k_self=block_k_self, precision=dot_precision(qkv.dtype), split_axis=2, row_axis=4,
     )  # fmt: skip
-    grid = (b, kh, splits, g, pl.cdiv(tp, block_rows))
-    head_view = (None, tp, None, None, h)  # [T, H] of one (KV head, slot) of qkv
-    prefix_view = (None, k_prefix.shape[1], None, h)
-    acc, row_max, row_sum = pl.pallas_call(
+    last = splits - 1  # prefetch slots (ji >= splits) map to the last split's blocks and write none of them
+    out_shape = [
+        jax.ShapeDtypeStruct((b, kh, splits, tp, g, h), jnp.float32),
+        jax.ShapeDtypeStruct((b, kh, splits, tp, g), jnp.float32),
+        jax.ShapeDtypeStruct((b, kh, splits, tp, g), jnp.float32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, tp, None, h),
+                     lambda bi, ki, ji, gi, ri: (bi, ki, jnp.minimum(ji, last), 0, gi, 0)),
+        pl.BlockSpec((None, None, None, tp, None), lambda bi, ki, ji, gi, ri: (bi, ki, jnp.minimum(ji, last), 0, gi)),
+        pl.BlockSpec((None, None, None, tp, None), lambda bi, ki, ji, gi, ri: (bi, ki, jnp.minimum(ji, last), 0, gi)),
+    ]
+    if prefetch is not None:
+        out_shape.append(jax.ShapeDtypeStruct((programs,), jnp.float32))
+        out_specs.append(pl.BlockSpec((programs,), lambda bi, ki, ji, gi, ri: (0,)))
+    acc, row_max, row_sum, *sink = pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((b, kh, splits, tp, g, h), jnp.float32),
-            jax.ShapeDtypeStruct((b, kh, splits, tp, g), jnp.float32),
-            jax.ShapeDtypeStruct((b, kh, splits, tp, g), jnp.float32),
-        ),
-        grid=grid,
-        in_specs=[
-            pl.BlockSpec((None,), lambda bi, ki, ji, gi, ri: (bi,)),
-            pl.BlockSpec(head_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, gi, 0)),  # q of head gi
-            pl.BlockSpec(prefix_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, 0)),
-            pl.BlockSpec(prefix_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, 0)),
-            pl.BlockSpec(head_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, g, 0)),  # k_self
-            pl.BlockSpec(head_view, lambda bi, ki, ji, gi, ri: (bi, 0, ki, g + 1, 0)),  # v_self
-        ],
-        out_specs=(
-            pl.BlockSpec((None, None, None, tp, None, h), lambda bi, ki, ji, gi, ri: (bi, ki, ji, 0, gi, 0)),
-            pl.BlockSpec((None, None, None, tp, None), lambda bi, ki, ji, gi, ri: (bi, ki, ji, 0, gi)),
-            pl.BlockSpec((None, None, None, tp, None), lambda bi, ki, ji, gi, ri: (bi, ki, ji, 0, gi)),
-        ),
+        out_shape=tuple(out_shape),
+        grid=(b, kh, splits + extra, g, blocks),
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
         compiler_params=plgpu_triton.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
         interpret=interpret,
         name="gqa_cross_attention_packed",
-    )(prefix_lengths, qkv, k_prefix, v_prefix, qkv, qkv)
+    )(prefix_lengths, qkv, k_prefix, v_prefix, qkv, qkv, *operands)
 
     rows = tp * g  # [.., T, G, ..] is the row layout [.., R, ..] with r = t * G + g: a free reshape
     acc, row_max, row_sum = acc.reshape(b, kh, splits, rows, h), *(a.reshape(b, kh, splits, rows)
@@ -370,7 +446,7 @@ def _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths, *, block_sizes: B
     else:
         out = combine_splits(acc, row_max, row_sum)
     out = out.reshape(b, kh, tp, g, h)[:, :, :t].transpose(0, 2, 1, 3, 4)
-    return out.reshape(b, t, kh * g, h).astype(qkv.dtype)
+    return out.reshape(b, t, kh * g, h).astype(qkv.dtype), (sink[0] if sink else None)
 
 
 def gqa_cross_attention_packed_reference(qkv, k_prefix, v_prefix, prefix_lengths) -> jax.Array:

@@ -134,12 +134,14 @@ class ExpertMatmuls:
     qkv_rotated(h, attn, positions) -> [B,T,K,G+2,H] or None, attn_out(o, attn) -> y, mlp(h, mlp) -> y, and
     residual_norm(x, y, gate, scale, shift) -> (x + y * gate, the adaRMS norm of that), the only reader of the two
     y's: XLA's ops take y as [B,T,D]; the fast path's fused kernel may take the projections' unreduced split-K
-    partials instead (whatever its attn_out and mlp return)."""
+    partials instead (whatever its attn_out and mlp return). prefetch(layer) -> an array of the layer's that the
+    packed attention streams into L2 while it runs (the weight read next), or None."""
 
     qkv_rotated: Callable = xla_qkv_rotated
     attn_out: Callable = xla_attn_out
     mlp: Callable = gemma.feed_forward
     residual_norm: Callable = xla_residual_norm
+    prefetch: Callable | None = None
 
 
 XLA_MATMULS = ExpertMatmuls()
@@ -157,7 +159,8 @@ def _expert_layer(x, h, p, ck, cv, mods_attn, mods_ffw, next_norm, positions, at
     qkv = ops.qkv_rotated(h, attn, positions) if attend_packed is not None else None
     if qkv is not None:
         # the attention reads q, k and v in place from the fused GEMM's layout (gqa_cross_attention_packed)
-        o = attend_packed(qkv, ck, cv)
+        ahead = ops.prefetch(p) if ops.prefetch is not None else None
+        o = attend_packed(qkv, ck, cv) if ahead is None else attend_packed(qkv, ck, cv, prefetch=ahead)
     else:
         # fused q/k/v weight (pi05_jax.weight_packing): one GEMM, RoPE on q and k together; else two GEMMs
         q, k, v = gemma.qkv_any(h, attn, "_1", positions)

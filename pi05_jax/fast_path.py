@@ -92,6 +92,9 @@ class FastPathOptions:
     # from the GEMM's [B,T,K,G+2,H] layout, gqa_cross_attention_packed: one XLA fusion for RoPE and the q scale) or
     # "split" (q, k and v sliced out first: three fusions)
     cross_attention_qkv: str = "packed"
+    # with the packed cross-attention and the Pallas GeGLU: extra programs of the attention kernel stream the layer's
+    # transposed gating weight (16.8 MB, the next big read) into L2 while the attention runs (BlockSizes.prefetch_*)
+    cross_attention_prefetch: bool = False
     # tiles of the Pallas cross-attention (gqa_cross_attention.BlockSizes; its `combine` is cross_attention_combine)
     cross_attention_tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES
     # the expert's gate/up GEMM + GeGLU with attention="pallas": "pallas" (pallas_kernels.skinny_matmul.geglu_matmul
@@ -209,8 +212,8 @@ def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed",
         return gqa_cross_attention.gqa_cross_attention(q, ck, cv, lengths, k, v, block_sizes=blocks)
 
     if qkv == "packed":  # denoise_fast calls this on layers with a fused QKV weight
-        attend.packed = lambda qkv_rotated, ck, cv: gqa_cross_attention.gqa_cross_attention_packed(
-            qkv_rotated, ck, cv, lengths, block_sizes=blocks)
+        attend.packed = lambda qkv_rotated, ck, cv, prefetch=None: gqa_cross_attention.gqa_cross_attention_packed(
+            qkv_rotated, ck, cv, lengths, prefetch=prefetch, block_sizes=blocks)
     return attend
 
 
@@ -289,6 +292,11 @@ def pallas_residual_norm(x, y, gate, scale, shift, tiles: ResidualNormBlockSizes
     return x_new.reshape(b, t, d), h.reshape(b, t, d)
 
 
+def _gating_weight(layer):
+    """What the cross-attention prefetches: the expert's transposed gating weight, which geglu_matmul reads next."""
+    return layer["mlp_1"].get("gating_einsum_t")
+
+
 def expert_matmuls(options: FastPathOptions) -> denoise_fast.ExpertMatmuls:
     """The expert layer's matmuls for these options: the Pallas skinny kernels where prepare transposed weights;
     with the Pallas residual + norm, the attention-out and down projections hand it their unreduced partials."""
@@ -303,6 +311,8 @@ def expert_matmuls(options: FastPathOptions) -> denoise_fast.ExpertMatmuls:
         ops["qkv_rotated"] = functools.partial(pallas_qkv_rotated, splits=splits)
     if "attn_out" in projections:
         ops["attn_out"] = functools.partial(pallas_attn_out, reduce=reduce, splits=splits)
+    if options.cross_attention_prefetch and options.pallas_geglu and options.cross_attention_qkv == "packed":
+        ops["prefetch"] = _gating_weight
     if fused_norm:
         ops["residual_norm"] = functools.partial(pallas_residual_norm, tiles=options.expert_residual_norm_tiles)
     return denoise_fast.ExpertMatmuls(**ops) if ops else denoise_fast.XLA_MATMULS

@@ -13,6 +13,7 @@ relative error against the first variant (full size, random bf16 weights, 2 view
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -25,22 +26,25 @@ import jax.numpy as jnp
 import numpy as np
 from gpu_common import random_model, say, versus
 
+from pallas_kernels import gqa_cross_attention
 from pi05_jax import fast_path
 from pi05_jax.fast_path import ProjectionSplits
 
 P = dict(attention="pallas")
-FUSED_NORM = dict(P, expert_residual_norm="pallas", expert_projections="out_down")
+TILES = gqa_cross_attention.BlockSizes()
+PREFETCH = dict(P, cross_attention_prefetch=True)
+FUSED_NORM = dict(expert_residual_norm="pallas", expert_projections="out_down",
+                  expert_projection_splits=ProjectionSplits(down=(4, 32)))
 VARIANTS = {
     "default": fast_path.FastPathOptions(**P),
-    "residual+norm, out/down pallas (2x32, 8x64)": fast_path.FastPathOptions(**FUSED_NORM),
-    "residual+norm, out/down pallas (2x32, 4x32)": fast_path.FastPathOptions(
-        **FUSED_NORM, expert_projection_splits=ProjectionSplits(down=(4, 32))),
-    "residual+norm, out/down pallas (4x32, 4x64)": fast_path.FastPathOptions(
-        **FUSED_NORM, expert_projection_splits=ProjectionSplits(attn_out=(4, 32), down=(4, 64))),
-    "residual+norm, out/down pallas (4x64, 16x64)": fast_path.FastPathOptions(
-        **FUSED_NORM, expert_projection_splits=ProjectionSplits(attn_out=(4, 64), down=(16, 64))),
-    "residual+norm, out/down pallas (2x16, 8x32)": fast_path.FastPathOptions(
-        **FUSED_NORM, expert_projection_splits=ProjectionSplits(attn_out=(2, 16), down=(8, 32))),
+    "L2 prefetch, 2 slots (32 programs)": fast_path.FastPathOptions(
+        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=2)),
+    "L2 prefetch, 4 slots (64 programs)": fast_path.FastPathOptions(**PREFETCH),
+    "L2 prefetch, 8 slots (128 programs)": fast_path.FastPathOptions(
+        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=8)),
+    "L2 prefetch, 2 slots, 32-row loads": fast_path.FastPathOptions(
+        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=2, prefetch_rows=32)),
+    "L2 prefetch 4 slots + residual+norm (2x32, 4x32)": fast_path.FastPathOptions(**PREFETCH, **FUSED_NORM),
     "default, again": fast_path.FastPathOptions(**P, bucket_size=64),
 }
 

@@ -3,6 +3,7 @@
 #   variants: the new kernel on the card (pytest -m gpu), then the residual + norm variants interleaved
 #   variants2: projection splits under the fused residual + norm, interleaved; FP8 (dynamic activations) on the
 #             compute-bound phases only
+#   prefetch: the packed cross-attention streaming the GeGLU weight into L2, interleaved, and its profile
 #   final:    the skinny matmuls with HBM-cold vs L2-warm weights, the float32 parity at full width, bench
 set -uo pipefail
 stage=${1:?stage: variants or final}
@@ -25,6 +26,18 @@ variants2)
     | grep -v "^\[.*\] \(load\|build\|init\)" | tee "$out/interleaved.log"
   echo "=== fp8 on the compute-bound phases"
   timeout 200 python3 scripts/gpu_fp8_weight_only.py --only "dynamic act." 2>&1 | tee "$out/fp8_dynamic.log"
+  ;;
+prefetch)
+  echo "=== pytest -m gpu (packed cross-attention)"
+  timeout 100 python3 -m pytest -q -m gpu tests/test_kernels_on_gpu.py -k "packed" -p no:cacheprovider 2>&1 | tail -2 \
+    | tee "$out/gpu_tests.log"
+  echo "=== interleaved variants"
+  timeout 260 python3 scripts/gpu_interleaved.py --rounds 10 --per-round 10 2>&1 \
+    | grep -v "^\[.*\] \(load\|build\|init\)" | tee "$out/interleaved.log"
+  echo "=== profile pallas vs the prefetch variant, no CUDA graphs"
+  timeout 150 python3 scripts/gpu_profile_variant.py prefetch --preset full --views 2 --prompt-len 60 --steps 10 \
+    --runs 3 --quiet --no-cuda-graphs --top 14 --trace-dir /tmp/traces --json "$out/profile_prefetch.json" \
+    > "$out/profile_prefetch.log" 2>&1; grep -v "^\[" "$out/profile_prefetch.log" | grep -v "trace:" | head -50
   ;;
 final)
   echo "=== skinny matmuls: HBM-cold vs L2-warm weights"

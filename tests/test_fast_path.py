@@ -218,7 +218,17 @@ OPTION_VARIANTS = {
         attention="pallas", expert_projections="pallas", expert_residual_norm="pallas"),
     "residual-norm-pallas-xla-projections": fast_path.FastPathOptions(attention="pallas",
                                                                       expert_residual_norm="pallas"),
+    "cross-attention-prefetch": fast_path.FastPathOptions(attention="pallas", cross_attention_prefetch=True),
 }
+
+
+def test_prefetch_is_wired_only_where_it_can_run():
+    """The L2 prefetch needs the packed attention and the transposed gating weight (the Pallas GeGLU)."""
+    on = fast_path.FastPathOptions(attention="pallas", cross_attention_prefetch=True)
+    assert fast_path.expert_matmuls(on).prefetch is not None
+    for off in (dataclasses.replace(on, expert_geglu="xla"), dataclasses.replace(on, cross_attention_qkv="split"),
+                fast_path.FastPathOptions(attention="pallas")):
+        assert fast_path.expert_matmuls(off).prefetch is None
 
 
 @pytest.mark.parametrize("name", list(OPTION_VARIANTS))

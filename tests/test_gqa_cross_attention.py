@@ -299,6 +299,32 @@ def test_packed_equals_the_split_kernel():
     np.testing.assert_allclose(as_f32(packed), as_f32(split), **TOL[jnp.bfloat16])
 
 
+@pytest.mark.parametrize(
+    "shape,lengths,prefetch_shape,block_sizes",
+    [(REAL, [572], (2, 256, 1024), BlockSizes()),  # a slice of the expert's [2, F, D] gating weight
+     (dict(REAL, slots=576), [572, 77], (2, 64, 1024), BlockSizes(prefetch_splits=8)),
+     (TINY, [968, 300], (2, 64, 32), BlockSizes(prefetch_splits=2, prefetch_rows=64)),
+     (TINY, [5], (3, 7, 48), BlockSizes(prefetch_splits=3))],  # rows and columns that are not tiles
+    ids=["real", "real_batch2_8splits", "tiny_batch2", "ragged_array"])
+def test_packed_prefetch_reads_every_element_and_changes_nothing(shape, lengths, prefetch_shape, block_sizes):
+    """With a prefetch array the extra programs stream all of it (their sums add up to its sum) and the attention
+    output is bit-for-bit the same as without it."""
+    from pallas_kernels.gqa_cross_attention import _gqa_cross_packed
+
+    qkv, kp, vp, _ = make_packed(len(lengths), **shape, dtype=jnp.bfloat16, seed=11)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    w = jnp.asarray(np.random.default_rng(12).standard_normal(prefetch_shape), jnp.bfloat16)
+    plain, none = _gqa_cross_packed(qkv, kp, vp, lengths, None, block_sizes=block_sizes, interpret=True)
+    out, sums = _gqa_cross_packed(qkv, kp, vp, lengths, w, block_sizes=block_sizes, interpret=True)
+    assert none is None
+    np.testing.assert_array_equal(as_f32(out), as_f32(plain))
+    programs = len(lengths) * shape["kv_heads"] * block_sizes.prefetch_splits * (shape["heads"] // shape["kv_heads"])
+    assert sums.ndim == 1 and sums.shape[0] % programs == 0  # one sum per prefetch program (x token blocks)
+    np.testing.assert_allclose(float(jnp.sum(sums)), float(jnp.sum(w.astype(jnp.float32))), rtol=1e-5, atol=1e-3)
+    public = gqa_cross_attention_packed(qkv, kp, vp, lengths, prefetch=w, block_sizes=block_sizes, interpret=True)
+    np.testing.assert_array_equal(as_f32(public), as_f32(plain))
+
+
 def test_packed_bad_inputs_name_the_shape():
     qkv, kp, vp, _ = make_packed(1, slots=32, heads=8, kv_heads=1, head_dim=16, dtype=jnp.float32)
     lengths = jnp.asarray([3], jnp.int32)
@@ -314,6 +340,10 @@ def test_packed_bad_inputs_name_the_shape():
         gqa_cross_attention_packed(qkv, kp.astype(jnp.bfloat16), vp, lengths)
     with pytest.raises(ValueError, match="single_pass"):
         gqa_cross_attention_packed(qkv, kp, vp, lengths, block_sizes=SINGLE_PASS)
+    with pytest.raises(ValueError, match="prefetch.shape"):
+        gqa_cross_attention_packed(qkv, kp, vp, lengths, prefetch=jnp.float32(1))
+    with pytest.raises(ValueError, match="prefetch_splits"):
+        BlockSizes(prefetch_splits=0)
 
 
 def lower_for_h100(fn, *args):

@@ -87,6 +87,23 @@ def test_gqa_cross_attention_packed(slots, lengths, combine):
     assert rel_err(got, gqa.gqa_cross_attention_packed_reference(qkv, kp, vp, n)) <= TOL[jnp.bfloat16]
 
 
+@pytest.mark.parametrize("prefetch_splits", [2, 4, 8])
+def test_gqa_cross_attention_packed_prefetch(prefetch_splits):
+    """The L2-prefetch programs on the card: every element of the GeGLU weight read (the programs' sums add up to
+    its sum), the attention output bit-for-bit the one without them."""
+    rng = np.random.default_rng(8)
+    qkv = normal(rng, (1, 50, 1, 10, 256), 256**-0.5, jnp.bfloat16)
+    kp, vp = normal(rng, (1, 576, 1, 256), 2.0, jnp.bfloat16), normal(rng, (1, 576, 1, 256), 1.0, jnp.bfloat16)
+    w = normal(rng, (2, 4096, 1024), 1.0, jnp.bfloat16)
+    n = jnp.asarray([572], jnp.int32)
+    bs = gqa.BlockSizes(prefetch_splits=prefetch_splits)
+    plain, _ = gqa._gqa_cross_packed(qkv, kp, vp, n, None, block_sizes=bs, interpret=False)
+    got, sums = gqa._gqa_cross_packed(qkv, kp, vp, n, w, block_sizes=bs, interpret=False)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(plain, np.float32))
+    want = float(jnp.sum(w.astype(jnp.float32)))
+    assert abs(float(jnp.sum(sums)) - want) <= 1e-3 * float(jnp.sum(jnp.abs(w.astype(jnp.float32))))
+
+
 @pytest.mark.parametrize("m,dtype", [(50, jnp.bfloat16), (100, jnp.bfloat16), (300, jnp.bfloat16),
                                      (50, jnp.float32)], ids=["batch1", "batch2", "batch6", "batch1_f32"])
 def test_geglu_matmul(m, dtype):

@@ -48,6 +48,10 @@ CASES = {
     "gqa_cross_attention_packed (q, k, v read from the QKV GEMM's layout)": (
         lambda qkv, kp, vp, n: gqa_cross_attention_packed(qkv, kp, vp, n, interpret=False),
         (S((1, 50, 1, 10, 256), BF16), S((1, 576, 1, 256), BF16), S((1, 576, 1, 256), BF16), S((1,), I32))),
+    "gqa_cross_attention_packed with the GeGLU weight prefetched into L2": (
+        lambda qkv, kp, vp, n, w: gqa_cross_attention_packed(qkv, kp, vp, n, prefetch=w, interpret=False),
+        (S((1, 50, 1, 10, 256), BF16), S((1, 576, 1, 256), BF16), S((1, 576, 1, 256), BF16), S((1,), I32),
+         S((2, 4096, 1024), BF16))),
     "geglu_matmul (expert gate/up + GeGLU, transposed weight)": (
         lambda x, w: geglu_matmul(x, w, interpret=False),
         (S((50, 1024), BF16), S((2, 4096, 1024), BF16))),
