@@ -68,17 +68,22 @@ class BlockSizes:
     combine: str = "xla"
     combine_rows: int = 16  # query rows per program of the Pallas combine
     # with a `prefetch` array (gqa_cross_attention_packed): extra split slots whose programs stream that array into
-    # L2 while the attention programs run (prefetch_splits * G * token blocks * B * K programs), and the rows of
-    # each of their loads
+    # L2 while the attention programs run (prefetch_splits * G * token blocks * B * K programs), the rows of each of
+    # their loads, and how many leading elements of each row (the last axis) they stream (0: all). A leading part of
+    # every row, not all of some rows: a matmul streaming its K axis front to back then finds the first steps of
+    # every program in L2 (whole rows for some programs would leave the others, and so the kernel, as slow).
     prefetch_splits: int = 4
     prefetch_rows: int = 16
+    prefetch_cols: int = 0
 
     def __post_init__(self):
         if self.combine not in COMBINES:
             raise ValueError(f"BlockSizes.combine must be one of {COMBINES}; got {self.combine=}")
-        if self.prefetch_splits < 1 or not _is_power_of_2(self.prefetch_rows):
-            raise ValueError(f"BlockSizes needs prefetch_splits >= 1 and a power-of-2 prefetch_rows; got "
-                             f"{self.prefetch_splits=}, {self.prefetch_rows=}")
+        if (self.prefetch_splits < 1 or not _is_power_of_2(self.prefetch_rows)
+                or (self.prefetch_cols and not _is_power_of_2(self.prefetch_cols))):
+            raise ValueError(f"BlockSizes needs prefetch_splits >= 1, a power-of-2 prefetch_rows and prefetch_cols 0 "
+                             f"or a power of 2; got {self.prefetch_splits=}, {self.prefetch_rows=}, "
+                             f"{self.prefetch_cols=}")
         for name in ("block_rows", "block_k", "combine_rows"):
             value = getattr(self, name)
             if not (_is_power_of_2(value) and value >= MIN_TILE):
@@ -116,10 +121,11 @@ def _cross_kernel(
     sum_ref[pl.ds(row_start, block_rows)] = row_sum
 
 
-def _prefetch_into_l2(w_ref, sink_ref, program, *, rows_per_program, tile, cols):
-    """Stream rows [program * rows_per_program, +rows_per_program) of w [rows, cols] through L2 (cached there,
-    evicted last) and write their float32 sum to sink[program]: the sum keeps the loads alive, and tests check it."""
-    n_rows, n_cols = w_ref.shape
+def _prefetch_into_l2(w_ref, sink_ref, program, *, rows_per_program, tile, cols, n_cols):
+    """Stream columns [0, n_cols) of rows [program * rows_per_program, +rows_per_program) of w [rows, cols] through
+    L2 (cached there, evicted last) and write their float32 sum to sink[program]: the sum keeps the loads alive, and
+    tests check it. `cols` is n_cols rounded up to a power of 2 (the load's width)."""
+    n_rows = w_ref.shape[0]
     col_ok = (jnp.arange(cols) < n_cols)[None, :]
     start = program * rows_per_program
 
@@ -137,12 +143,13 @@ def _prefetch_into_l2(w_ref, sink_ref, program, *, rows_per_program, tile, cols)
 
 def _packed_kernel(len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, *refs, splits, prefetch, **attention):
     """The packed grid's program: attention for split slots < splits, else (with a prefetch array) an L2 prefetch
-    program; prefetch = None or (its grid shape: slots, G, token blocks; rows per program, tile, padded cols)."""
+    program; prefetch = None or (its grid shape: slots, G, token blocks; rows per program, tile, padded columns,
+    columns)."""
     if prefetch is None:
         _cross_kernel(len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, *refs, **attention)
         return
     w_ref, acc_ref, max_ref, sum_ref, sink_ref = refs
-    (extra, g, blocks), rows_per_program, tile, cols = prefetch
+    (extra, g, blocks), rows_per_program, tile, cols, n_cols = prefetch
     split, row_block = pl.program_id(2), pl.program_id(4)
     bk = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
     program = ((bk * extra + split - splits) * g + pl.program_id(3)) * blocks + row_block
@@ -154,7 +161,8 @@ def _packed_kernel(len_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, *refs, splits
 
     @pl.when(split >= splits)
     def _():
-        _prefetch_into_l2(w_ref, sink_ref, program, rows_per_program=rows_per_program, tile=tile, cols=cols)
+        _prefetch_into_l2(w_ref, sink_ref, program, rows_per_program=rows_per_program, tile=tile, cols=cols,
+                          n_cols=n_cols)
 
 
 def _single_pass_kernel(
@@ -353,8 +361,9 @@ def gqa_cross_attention_packed(
     Returns [B,T,K*G,H] in qkv.dtype. `interpret=None` runs Pallas interpret mode when the backend is the CPU.
 
     `prefetch` (any array, e.g. the weight the layer reads next): block_sizes.prefetch_splits more split slots of
-    the grid stream it through L2 while the attention programs run (the attention uses few of the SMs and little
-    bandwidth), so the next kernel finds it in L2 instead of HBM. It does not change the result.
+    the grid stream it (or the first prefetch_cols of each row along its last axis) through L2 while the attention
+    programs run (the attention uses few of the SMs and little bandwidth), so the next kernel finds it in L2 instead
+    of HBM. It does not change the result.
     """
     prefix_lengths = jnp.asarray(prefix_lengths)
     _check_packed_inputs(qkv, k_prefix, v_prefix, prefix_lengths)
@@ -404,7 +413,8 @@ def _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths, prefetch=None, *,
         programs = b * kh * extra * g * blocks
         tile = min(block_sizes.prefetch_rows, pow2_at_least(pl.cdiv(w.shape[0], programs), 1))
         rows_per_program = pl.cdiv(pl.cdiv(w.shape[0], programs), tile) * tile
-        prefetch_spec = ((extra, g, blocks), rows_per_program, tile, pow2_at_least(w.shape[1], 16))
+        n_cols = min(block_sizes.prefetch_cols or w.shape[1], w.shape[1])
+        prefetch_spec = ((extra, g, blocks), rows_per_program, tile, pow2_at_least(n_cols, 16), n_cols)
         operands = [w]
         in_specs.append(pl.BlockSpec(w.shape, lambda bi, ki, ji, gi, ri: (0, 0)))
     kernel = functools.partial(

@@ -28,23 +28,20 @@ from gpu_common import random_model, say, versus
 
 from pallas_kernels import gqa_cross_attention
 from pi05_jax import fast_path
-from pi05_jax.fast_path import ProjectionSplits
 
 P = dict(attention="pallas")
 TILES = gqa_cross_attention.BlockSizes()
 PREFETCH = dict(P, cross_attention_prefetch=True)
-FUSED_NORM = dict(expert_residual_norm="pallas", expert_projections="out_down",
-                  expert_projection_splits=ProjectionSplits(down=(4, 32)))
 VARIANTS = {
     "default": fast_path.FastPathOptions(**P),
-    "L2 prefetch, 2 slots (32 programs)": fast_path.FastPathOptions(
-        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=2)),
-    "L2 prefetch, 4 slots (64 programs)": fast_path.FastPathOptions(**PREFETCH),
-    "L2 prefetch, 8 slots (128 programs)": fast_path.FastPathOptions(
-        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=8)),
-    "L2 prefetch, 2 slots, 32-row loads": fast_path.FastPathOptions(
-        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=2, prefetch_rows=32)),
-    "L2 prefetch 4 slots + residual+norm (2x32, 4x32)": fast_path.FastPathOptions(**PREFETCH, **FUSED_NORM),
+    "L2 prefetch, 8 slots, first 256 of each row": fast_path.FastPathOptions(
+        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=8, prefetch_cols=256)),
+    "L2 prefetch, 8 slots, first 512 of each row": fast_path.FastPathOptions(
+        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=8, prefetch_cols=512)),
+    "L2 prefetch, 2 slots, first 256 of each row": fast_path.FastPathOptions(
+        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=2, prefetch_cols=256)),
+    "L2 prefetch, 2 slots, first 512 of each row": fast_path.FastPathOptions(
+        **PREFETCH, cross_attention_tiles=dataclasses.replace(TILES, prefetch_splits=2, prefetch_cols=512)),
     "default, again": fast_path.FastPathOptions(**P, bucket_size=64),
 }
 

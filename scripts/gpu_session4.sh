@@ -4,6 +4,7 @@
 #   variants2: projection splits under the fused residual + norm, interleaved; FP8 (dynamic activations) on the
 #             compute-bound phases only
 #   prefetch: the packed cross-attention streaming the GeGLU weight into L2, interleaved, and its profile
+#   prefetch2: the same, streaming only the leading part of each weight row
 #   final:    the skinny matmuls with HBM-cold vs L2-warm weights, the float32 parity at full width, bench
 set -uo pipefail
 stage=${1:?stage: variants or final}
@@ -38,6 +39,11 @@ prefetch)
   timeout 150 python3 scripts/gpu_profile_variant.py prefetch --preset full --views 2 --prompt-len 60 --steps 10 \
     --runs 3 --quiet --no-cuda-graphs --top 14 --trace-dir /tmp/traces --json "$out/profile_prefetch.json" \
     > "$out/profile_prefetch.log" 2>&1; grep -v "^\[" "$out/profile_prefetch.log" | grep -v "trace:" | head -50
+  ;;
+prefetch2)
+  echo "=== interleaved variants"
+  timeout 220 python3 scripts/gpu_interleaved.py --rounds 10 --per-round 10 2>&1 \
+    | grep -v "^\[.*\] \(load\|build\|init\)" | tee "$out/interleaved.log"
   ;;
 final)
   echo "=== skinny matmuls: HBM-cold vs L2-warm weights"
