@@ -6,6 +6,7 @@
 #   prefetch: the packed cross-attention streaming the GeGLU weight into L2, interleaved, and its profile
 #   prefetch2: the same, streaming only the leading part of each weight row
 #   verify:   every gpu-marked test, then the 1000-call soak of the default path
+#   tiles:    cross-attention key blocks of 128 and one pipeline stage (fewer dependent loads per program)
 #   final:    the skinny matmuls with HBM-cold vs L2-warm weights, the float32 parity at full width, bench
 set -uo pipefail
 stage=${1:?stage: variants or final}
@@ -49,9 +50,14 @@ prefetch2)
 verify)
   echo "=== pytest -m gpu, all three GPU test files"
   timeout 330 python3 -m pytest -q -m gpu tests/test_kernels_on_gpu.py tests/test_fp4_matmul.py tests/test_fp8_matmul.py \
-    -p no:cacheprovider 2>&1 | grep -v "Warning\|warn\|return rule\|^$\|Docs:" | tail -8 | tee "$out/gpu_tests_all.log"
+    -p no:cacheprovider 2>&1 | grep -E "passed|failed|error|^[.FEsx]+ " | tail -8 | tee "$out/gpu_tests_all.log"
   echo "=== soak: 1000 pallas calls, weights converted as Model.load does"
   timeout 150 python3 scripts/gpu_soak.py 1000 pallas deployed 2>&1 | tail -1 | tee "$out/soak.log"
+  ;;
+tiles)
+  echo "=== interleaved variants"
+  timeout 200 python3 scripts/gpu_interleaved.py --rounds 10 --per-round 10 2>&1 \
+    | grep -v "^\[.*\] \(load\|build\|init\)" | tee "$out/interleaved.log"
   ;;
 final)
   echo "=== skinny matmuls: HBM-cold vs L2-warm weights"
