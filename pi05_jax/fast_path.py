@@ -53,7 +53,9 @@ CROSS_ATTENTION_QKV = ("packed", "split")
 EXPERT_MATMULS = ("pallas", "xla")
 # the expert's projections: all three in Pallas (QKV needs the packed attention), attention-out and down only, none
 EXPERT_PROJECTIONS = ("xla", "pallas", "out_down")
-DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes()
+# 128-key blocks in one pipeline stage: each program of a 128-key split loads its K and V tiles at once instead of
+# in two dependent 64-key steps (H200, interleaved in the sampler: 16.09 vs 16.34 / 16.41 ms, docs/PERF.md)
+DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes(block_k=128, num_stages=1)
 DEFAULT_GEGLU_TILES = SkinnyBlockSizes()
 DEFAULT_RESIDUAL_NORM_TILES = ResidualNormBlockSizes()
 

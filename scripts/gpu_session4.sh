@@ -59,6 +59,14 @@ tiles)
   timeout 200 python3 scripts/gpu_interleaved.py --rounds 10 --per-round 10 2>&1 \
     | grep -v "^\[.*\] \(load\|build\|init\)" | tee "$out/interleaved.log"
   ;;
+adopt)
+  echo "=== pytest -m gpu (packed cross-attention, both tiles)"
+  timeout 60 python3 -m pytest -q -m gpu tests/test_kernels_on_gpu.py -k "packed and not prefetch" -p no:cacheprovider \
+    2>&1 | grep -E "passed|failed|error" | tee "$out/gpu_tests.log"
+  echo "=== bench pallas"
+  timeout 90 python3 -m pi05_jax.cli bench --preset full --views 2 --prompt-len 60 --steps 10 --kernels pallas \
+    --runs 20 --json "$out/bench_pallas.json" 2>&1 | grep -v '^\[' | head -9 | tee "$out/bench_pallas.log"
+  ;;
 final)
   echo "=== skinny matmuls: HBM-cold vs L2-warm weights"
   timeout 120 python3 scripts/gpu_skinny_matmul.py --l2 --repeats 30 2>&1 | tee "$out/skinny_l2.log"

@@ -74,15 +74,16 @@ def test_gqa_cross_attention(slots, lengths, combine):
     assert rel_err(got, gqa.gqa_cross_attention_reference(q, kp, vp, n, ks, vs)) <= TOL[jnp.bfloat16]
 
 
+@pytest.mark.parametrize("tiles", [{}, dict(block_k=128, num_stages=1)], ids=["k64", "k128_1stage"])
 @pytest.mark.parametrize("combine", ["xla", "pallas"])
 @pytest.mark.parametrize("slots,lengths", [(576, [572]), (968, [968, 77])], ids=["S576", "S968"])
-def test_gqa_cross_attention_packed(slots, lengths, combine):
+def test_gqa_cross_attention_packed(slots, lengths, combine, tiles):
     rng = np.random.default_rng(4)
     b = len(lengths)
     qkv = normal(rng, (b, 50, 1, 10, 256), 256**-0.5, jnp.bfloat16)
     kp, vp = normal(rng, (b, slots, 1, 256), 2.0, jnp.bfloat16), normal(rng, (b, slots, 1, 256), 1.0, jnp.bfloat16)
     n = jnp.asarray(lengths, jnp.int32)
-    got = gqa.gqa_cross_attention_packed(qkv, kp, vp, n, block_sizes=gqa.BlockSizes(combine=combine),
+    got = gqa.gqa_cross_attention_packed(qkv, kp, vp, n, block_sizes=gqa.BlockSizes(combine=combine, **tiles),
                                          interpret=False)
     assert rel_err(got, gqa.gqa_cross_attention_packed_reference(qkv, kp, vp, n)) <= TOL[jnp.bfloat16]
 
