@@ -16,8 +16,9 @@ Both run the same exact restructuring of upstream's computation (each piece is d
   a lax.scan that copies each layer's slice of the stacked weight before the matmul.
 `fused` (experimental, slower today: docs/PERF.md) is `pallas` with `pi05_jax.denoise_fused`'s expert layer. Other
 `FastPathOptions` (SigLIP attention in Pallas, attention and GeGLU tiles, the Pallas combine of the cross-attention's
-splits, the expert's projections as Pallas split-K matmuls) are measured alternatives that lost or tied; they stay
-selectable for the next card. `compact` uses XLA's attention and matmuls; `pallas` calls
+splits, the expert's projections as Pallas split-K matmuls, the gated residual + adaRMS norm as one Pallas kernel on
+their partials, the cross-attention streaming the GeGLU weight into L2) are measured alternatives that lost or tied;
+they stay selectable for the next card. `compact` uses XLA's attention and matmuls; `pallas` calls
 `pallas_kernels.ragged_prefill_attention` in prefill, and in denoise `pallas_kernels.gqa_cross_attention` (reading
 q, k and v in place from the fused QKV GEMM's output) and `pallas_kernels.skinny_matmul.geglu_matmul` for the
 expert's gate/up + GeGLU on a transposed copy of its gating weight (in Pallas interpret mode on the CPU).
