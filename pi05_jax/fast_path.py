@@ -399,6 +399,16 @@ def make_implementation(name: str, options: FastPathOptions, description: str = 
 _OPTIONS: dict[str, FastPathOptions] = {}  # implementation name -> its options (what make_implementation built)
 
 
+def pack_for(kernels: str, params) -> dict:
+    """params in the packed layout the implementation registered as `kernels` builds in prepare (unchanged for other
+    implementations or stacked layers). runtime.Model.load calls it once so the model holds only the packed weights:
+    the originals they replace (the unfused q/kv, SigLIP's unpadded MLP, the untransposed gating) can be freed."""
+    options = _OPTIONS.get(kernels)
+    if options is None or not options.unstack_layers or not options.pack_options().any:
+        return params
+    return weight_packing.pack_weights(params, options.pack_options())
+
+
 def wants_unstacked_layers(kernels: str) -> bool:
     """Whether the implementation registered as `kernels` runs on unstacked layers (so a model loaded for it can
     hold its params in that layout only, see runtime.Model.load)."""

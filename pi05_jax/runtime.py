@@ -32,7 +32,9 @@ class Model:
              progress: Callable[[str], None] | None = None, unstack_layers: bool | None = None) -> Model:
         """`unstack_layers`: hold the layer weights as per-layer buffers (pi05_jax.layer_stack), converted once
         here so the fast path does not keep a second copy; None: when `kernels` is a fast path that runs on them.
-        The reference implementation runs on either layout."""
+        With them, the weights are also packed for that fast path (fast_path.pack_for), so the model runs that
+        implementation (or another with the same packing); the reference implementation needs a model loaded for
+        it (the default) or with unstack_layers=False."""
         from checkpoints import quantized_io
         from checkpoints.openpi_io import load_params
 
@@ -47,10 +49,13 @@ class Model:
 
             unstack_layers = fast_path.wants_unstacked_layers(kernels)
         if unstack_layers:
-            from pi05_jax import layer_stack
+            from pi05_jax import fast_path, layer_stack
 
             # freed leaf by leaf as they are converted: peak memory is the weights plus one stacked leaf
             params = layer_stack.unstack_layers(params, consume=True)
+            # the fast path's packed weights (fused QKV, padded SigLIP MLP, transposed gating), built here once: the
+            # model holds them instead of the originals, which are freed (prepare then finds nothing to pack)
+            params = fast_path.pack_for(kernels, params)
         return cls(config=config, params=params, kernels=kernels)
 
     @property

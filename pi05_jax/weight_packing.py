@@ -21,6 +21,8 @@ once per checkpoint so the fast path's layers launch fewer and better-shaped GEM
   zero columns. Padded q and k columns add 0 to every logit; padded v columns give zero outputs that are sliced away
   before the out projection; queries are still scaled by 1/sqrt(original H). Needs the QKV fusion.
 
+Packing is idempotent: already packed parts pass through unchanged, so params packed once (runtime.Model.load, for
+the fast path it loads for, freeing the originals) go through prepare's packing as they are.
 Quantized weight leaves (pi05_jax.quantized: objects with `.einsum`, not arrays) are never packed: a layer whose
 weights involved are not all plain arrays keeps its original keys and runs the unpacked code for that part.
 The model code that reads the packed keys is `gemma.qkv_any` / `gemma.prefill_packed` (prefill and the expert,
@@ -134,11 +136,11 @@ def _transpose_projections(layer: dict, names: tuple[str, ...]) -> dict:
     if "qkv" in names and qkv is not None and is_array(qkv):
         del attn["qkv_einsum_1"]
         attn["qkv_einsum_1_t"] = {"w": jnp.transpose(jnp.asarray(qkv), (1, 2, 3, 0))}
-    out = attn["attn_vec_einsum_1"]["w"]
-    if "attn_out" in names and is_array(out):
+    out = attn.get("attn_vec_einsum_1", {}).get("w")  # (absent: already transposed)
+    if "attn_out" in names and out is not None and is_array(out):
         del attn["attn_vec_einsum_1"]
         attn["attn_vec_einsum_1_t"] = {"w": jnp.asarray(out).reshape(-1, out.shape[-1]).T}
-    if "down" in names and is_array(mlp["linear"]):
+    if "down" in names and "linear" in mlp and is_array(mlp["linear"]):
         mlp["linear_t"] = jnp.asarray(mlp.pop("linear")).T
     return {**layer, "attn": attn, "mlp_1": mlp}
 
@@ -171,6 +173,8 @@ def pack_gemma_layers(layers: tuple, *, fuse_qkv: bool = True, transpose_expert_
 
 def _pack_siglip_attention(mha: dict, options: PackOptions) -> dict:
     names = ("query", "key", "value")
+    if not all(n in mha for n in names):
+        return mha  # already fused
     kernels = [mha[n]["kernel"] for n in names]
     if not all(is_array(w) for w in kernels):
         return mha

@@ -1,7 +1,8 @@
 """H100 soak for the fast path (issue 6): N consecutive `pallas` inferences at full size (random bf16 weights), each
 with new noise; counts NaN/Inf and reports device memory in use after the first call and after the last.
-With `deployed`, the random stacked weights are first converted to per-layer buffers freeing each stacked leaf, as
-`runtime.Model.load` does for a fast path, so the memory figures are those of a deployment (plus the allocator's peak).
+With `deployed`, the random stacked weights are first converted to per-layer buffers freeing each stacked leaf and then
+packed for the fast path (the originals dropped), as `runtime.Model.load` does, so the memory figures are those of a
+deployment (plus the allocator's peak).
 Usage: python scripts/gpu_soak.py [N] [kernels] [deployed]"""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from pi05_jax import layer_stack, sampler
+from pi05_jax import fast_path, layer_stack, sampler
 from pi05_jax.bench.selection import Selection, build
 from pi05_jax.commands.common import Progress
 from pi05_jax.config import preset
@@ -30,7 +31,7 @@ def main() -> int:
     built = build(sel, say)
     params, obs = built.params, built.obs
     if len(sys.argv) > 3 and sys.argv[3] == "deployed":
-        params = layer_stack.unstack_layers(params, consume=True)
+        params = fast_path.pack_for(kernels, layer_stack.unstack_layers(params, consume=True))
         built = None  # drop the stacked tree's last reference
     noises = [jax.device_put(synthetic_noise(sel.config, seed=i)) for i in range(16)]
 

@@ -240,6 +240,24 @@ def test_option_variants_match_reference(tiny_fp32, model_cases, reference_fp32_
     assert rel_err(actions, reference_fp32_actions["batch2_mixed"]) <= FP32_REL_TOL
 
 
+def test_model_loaded_for_pallas_holds_only_the_packed_weights(reference_dir, model_cases):
+    """Model.load(kernels="pallas") packs once (fast_path.pack_for): the model holds the fused QKV, the padded SigLIP
+    MLP and the transposed gating instead of the originals, and samples the same actions as `pallas` on params
+    loaded for the reference (which prepare packs itself)."""
+    packed = Model.load(reference_dir / "checkpoint", dtype="float32", kernels="pallas")
+    plain = Model.load(reference_dir / "checkpoint", dtype="float32")
+    layers = packed.params["PaliGemma"]["llm"]["layers"]
+    for layer in layers:
+        assert "qkv_einsum_1" in layer["attn"] and not {"q_einsum_1", "kv_einsum_1"} & set(layer["attn"])
+        assert "gating_einsum_t" in layer["mlp_1"] and "gating_einsum" not in layer["mlp_1"]
+    for layer in packed.params["PaliGemma"]["img"]["Transformer"]["encoderblock"]:
+        assert set(layer["MultiHeadDotProductAttention_0"]) == {"qkv", "out"}
+    ins, obs = _case(plain, model_cases, "batch2_mixed")
+    want = _sample(plain, obs, ins["noise"], int(ins["num_steps"]), "pallas")
+    got = np.asarray(packed.sample(obs, noise=ins["noise"], num_steps=int(ins["num_steps"])))
+    np.testing.assert_array_equal(got, want)
+
+
 # --- the compile cache ----------------------------------------------------------------------------------------------
 
 

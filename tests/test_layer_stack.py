@@ -232,11 +232,11 @@ def test_model_load_holds_one_unstacked_copy_for_a_fast_path(reference_dir):
     obs_params, _ = unpacked.prepare(model.params, _dummy_obs(model), 2)
     # prepare reuses the loaded per-layer buffers: no second copy of the weights
     assert obs_params["PaliGemma"]["llm"]["layers"] is loaded
-    # with weight packing (pi05_jax.weight_packing, on by default) only the packed weights are new buffers
+    # the loaded weights are already packed for `compact` (fast_path.pack_for): its prepare makes no new buffer
     obs_params, _ = sampler.IMPLEMENTATIONS["compact"].prepare(model.params, _dummy_obs(model), 2)
-    for ours, theirs in zip(obs_params["PaliGemma"]["llm"]["layers"], loaded, strict=True):
-        assert ours["mlp"] is theirs["mlp"] and ours["mlp_1"] is theirs["mlp_1"]
-        assert ours["attn"]["attn_vec_einsum_1"] is theirs["attn"]["attn_vec_einsum_1"]
+    for path in (layer_stack.LLM_PATH, layer_stack.IMG_PATH):
+        ours, theirs = layer_stack._get(obs_params, path), layer_stack._get(model.params, path)
+        assert all(a is b for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True))
     stacked = Model.load(REFERENCE_DIR / "checkpoint", dtype="float32", kernels="compact", unstack_layers=False)
     assert not layer_stack.params_unstacked(stacked.params)
     assert not layer_stack.params_unstacked(Model.load(REFERENCE_DIR / "checkpoint", dtype="float32").params)

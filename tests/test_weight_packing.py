@@ -214,6 +214,16 @@ def test_transposed_expert_projections_subset(unstacked):
             weight_packing.PackOptions(transpose_expert_projections=bad)
 
 
+def test_packing_is_idempotent(unstacked):
+    """Packed params pass through every restructuring unchanged (runtime.Model.load packs once, prepare again)."""
+    options = weight_packing.PackOptions(pad_siglip_heads=True, transpose_expert_gating=True,
+                                         transpose_expert_projections=weight_packing.EXPERT_PROJECTIONS)
+    once = weight_packing.pack_weights(unstacked, options)
+    twice = weight_packing.pack_weights(once, options)
+    assert jax.tree.structure(twice) == jax.tree.structure(once)
+    assert all(a is b for a, b in zip(jax.tree.leaves(twice), jax.tree.leaves(once), strict=True))
+
+
 # --- the fast path end to end ---------------------------------------------------------------------------------------
 
 
