@@ -220,8 +220,6 @@ def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed",
     return attend
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class SplitPartials:
     """A projection's product left unreduced: float32 split-K partial sums [S, B*T, N] of a [B, T, N] product in
