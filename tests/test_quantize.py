@@ -142,6 +142,22 @@ def test_fp8_bfloat16_activations(fp8_dir, model_cases):
     _gates(actions, ref, FP8_GATE)
 
 
+def test_fp8_checkpoint_loaded_for_pallas(fp8_dir, fp8_model, model_cases):
+    """Model.load(kernels="pallas") on a quantized checkpoint: packing skips the FP8 weights (they keep their
+    keys) and packs the rest; the actions equal `pallas` run on the checkpoint loaded for the reference."""
+    from pi05_jax import sampler
+
+    model = Model.load(fp8_dir, dtype="float32", kernels="pallas")
+    layer = model.params["PaliGemma"]["llm"]["layers"][0]
+    assert "q_einsum_1" in layer["attn"] and "qkv_einsum_1" not in layer["attn"]  # FP8 q/kv: not fused
+    ins = case_inputs(model_cases, "batch2_mixed")
+    obs = observation_from_arrays(ins, model.config)
+    got = np.asarray(model.sample(obs, noise=ins["noise"], num_steps=int(ins["num_steps"])))
+    want = np.asarray(sampler.sample_actions(fp8_model.params, obs, noise=ins["noise"],
+                                             num_steps=int(ins["num_steps"]), kernels="pallas"))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_infer_cli_loads_quantized_checkpoint(fp8_dir, reference_dir, model_cases, tmp_path):
     out = tmp_path / "actions.npz"
     status = main(["infer", "--checkpoint", str(fp8_dir), "--inputs", str(reference_dir / "model_cases.npz"),
