@@ -49,6 +49,20 @@ def versus(actions, base, label: str = "first") -> str:
     return f"  vs {label}: cos {cosine(actions, base):.6f} rel {rel_err(actions, base):.1e}"
 
 
+class VersusFirst:
+    """Accuracy against the first variant reported: `suffix(actions)` is "" for the first (kept as the base), then
+    `versus(actions, base)` for every later one."""
+
+    def __init__(self):
+        self.base = None
+
+    def suffix(self, actions) -> str:
+        if self.base is None:
+            self.base = actions
+            return ""
+        return versus(actions, self.base)
+
+
 def median_seconds(fn, *args, repeats: int = 30, warmup: int = 3) -> float:
     """Median wall time of `fn(*args)` with block_until_ready, after `warmup` untimed calls."""
     for _ in range(warmup):

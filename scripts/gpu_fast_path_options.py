@@ -17,7 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from gpu_common import random_model, say, time_sample, versus
+from gpu_common import VersusFirst, random_model, say, time_sample
 
 from pi05_jax import fast_path, sampler
 
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args()
     _, built, noise = random_model(args.preset, "pallas")
-    first_actions = None
+    first_actions = VersusFirst()
     for i, (label, options) in enumerate(VARIANTS.items()):
         impl = fast_path.make_implementation(f"variant{i}", options)
         sampler.register(impl)
@@ -46,10 +46,7 @@ def main():
         p10, p90 = (times[min(len(times) - 1, int(f * len(times)))] * 1e3 for f in (0.1, 0.9))
         line = (f"{label:34s} first {first:5.1f} s  median {np.median(times) * 1e3:6.2f} ms [p10 {p10:.2f} - "
                 f"p90 {p90:.2f}]  compiles {compiles}")
-        if first_actions is None:
-            first_actions = actions
-        else:
-            line += versus(actions, first_actions)
+        line += first_actions.suffix(actions)
         say(line)
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gpu_common import random_model, say, versus
+from gpu_common import VersusFirst, random_model, say
 
 from pallas_kernels import gqa_cross_attention
 from pi05_jax import fast_path
@@ -76,16 +76,13 @@ def main():
                 mine.append(time.perf_counter() - t)
             times.extend(mine)
             medians.append(float(np.median(mine)))
-    first = None
+    first = VersusFirst()
     for label, (_, _, actions, times, medians) in runs.items():
         ts = np.sort(np.asarray(times)) * 1e3
         line = (f"{label:42s} median {np.median(ts):6.2f} ms [p10 {np.percentile(ts, 10):.2f} - p90 "
                 f"{np.percentile(ts, 90):.2f}]  median of round medians {np.median(medians) * 1e3:6.2f}  "
                 f"({len(ts)} calls)")
-        if first is None:
-            first = actions
-        else:
-            line += versus(actions, first)
+        line += first.suffix(actions)
         say(line)
 
 

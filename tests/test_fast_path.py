@@ -173,29 +173,25 @@ def test_modulation_table_is_cached_per_checkpoint_and_num_steps(tiny_fp32):
     assert rel_err(t10_other["final"][0], t10["final"][0]) == 0.0
 
 
-def test_bad_options_are_rejected():
-    with pytest.raises(ValueError, match="attention"):
-        fast_path.FastPathOptions(attention="cuda")
-    with pytest.raises(ValueError, match="bucket_size"):
-        fast_path.FastPathOptions(bucket_size=0)
-    with pytest.raises(ValueError, match="vision_attention"):
-        fast_path.FastPathOptions(vision_attention="cuda")
-    with pytest.raises(ValueError, match="pad_siglip_heads"):
-        fast_path.FastPathOptions(vision_attention="pallas")  # head_dim 72 is not a power of 2
-    with pytest.raises(ValueError, match="qkv"):
-        denoise_fused.FusedExpertOptions(qkv="cuda")
-    with pytest.raises(ValueError, match="cross_attention_combine"):
-        fast_path.FastPathOptions(cross_attention_combine="cuda")
-    with pytest.raises(ValueError, match="prefill_block_rows"):
-        fast_path.FastPathOptions(prefill_block_rows=24)
-    with pytest.raises(ValueError, match="expert_geglu"):
-        fast_path.FastPathOptions(expert_geglu="cuda")
-    with pytest.raises(ValueError, match="expert_projections"):
-        fast_path.FastPathOptions(expert_projections="cuda")
-    with pytest.raises(ValueError, match="expert_residual_norm"):
-        fast_path.FastPathOptions(expert_residual_norm="cuda")
-    with pytest.raises(ValueError, match="cross_attention_qkv"):
-        fast_path.FastPathOptions(cross_attention_qkv="fused")
+BAD_OPTIONS = [  # (options class, bad field values, what the error names)
+    (fast_path.FastPathOptions, dict(attention="cuda"), "attention"),
+    (fast_path.FastPathOptions, dict(bucket_size=0), "bucket_size"),
+    (fast_path.FastPathOptions, dict(vision_attention="cuda"), "vision_attention"),
+    (fast_path.FastPathOptions, dict(vision_attention="pallas"), "pad_siglip_heads"),  # head_dim 72: not a power of 2
+    (denoise_fused.FusedExpertOptions, dict(qkv="cuda"), "qkv"),
+    (fast_path.FastPathOptions, dict(cross_attention_combine="cuda"), "cross_attention_combine"),
+    (fast_path.FastPathOptions, dict(prefill_block_rows=24), "prefill_block_rows"),
+    (fast_path.FastPathOptions, dict(expert_geglu="cuda"), "expert_geglu"),
+    (fast_path.FastPathOptions, dict(expert_projections="cuda"), "expert_projections"),
+    (fast_path.FastPathOptions, dict(expert_residual_norm="cuda"), "expert_residual_norm"),
+    (fast_path.FastPathOptions, dict(cross_attention_qkv="fused"), "cross_attention_qkv"),
+]
+
+
+@pytest.mark.parametrize("cls,bad,match", BAD_OPTIONS, ids=[m for _, _, m in BAD_OPTIONS])
+def test_bad_options_are_rejected(cls, bad, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**bad)
 
 
 # Non-default options of the fast path, each against the reference (float32, the mixed-rows case): the fused expert
