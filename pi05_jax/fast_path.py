@@ -41,44 +41,37 @@ import jax.numpy as jnp
 # compile, so the second call of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
 from pallas_kernels import gqa_cross_attention
-from pallas_kernels.residual_norm import ResidualNormBlockSizes, gated_residual_norm
-from pallas_kernels.skinny_matmul import SkinnyBlockSizes, geglu_matmul, skinny_matmul
+from pallas_kernels.residual_norm import ResidualNormBlockSizes
+from pallas_kernels.skinny_matmul import SkinnyBlockSizes
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
 from pi05_jax.compact_prefix import DEFAULT_BUCKET_SIZE, PrefixPlan
+from pi05_jax.expert_kernels import (  # noqa: F401 (re-exported: the expert's kernel ops, as tests and scripts know them)
+    DEFAULT_GEGLU_TILES,
+    DEFAULT_PROJECTION_SPLITS,
+    PDL_PROJECTION_SPLITS,
+    ProjectionSplits,
+    SplitPartials,
+    pallas_attn_out,
+    pallas_expert_mlp,
+    pallas_qkv_rotated,
+    pallas_residual_norm,
+)
 from pi05_jax.fused_expert_options import FusedExpertOptions
-from pi05_jax.weights import weight_einsum
 
 ATTENTIONS = ("xla", "pallas")
 VISION_ATTENTIONS = ("xla", "pallas")
 CROSS_ATTENTION_QKV = ("packed", "split")
 EXPERT_MATMULS = ("pallas", "xla")
+# the expert's gate/up + GeGLU: Triton on a transposed copy, XLA, or the Mosaic GPU PDL kernel on openpi's layout
+EXPERT_GEGLU = ("pallas", "xla", "mosaic")
 # the expert's projections: all three in Pallas (QKV needs the packed attention), attention-out and down only, none
-EXPERT_PROJECTIONS = ("xla", "pallas", "out_down")
+EXPERT_PROJECTIONS = ("xla", "pallas", "out_down", "mosaic")
 # 128-key blocks in one pipeline stage: each program of a 128-key split loads its K and V tiles at once instead of
 # in two dependent 64-key steps (H200, interleaved in the sampler: 16.09 vs 16.34 / 16.41 ms, docs/PERF.md)
 DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes(block_k=128, num_stages=1)
-DEFAULT_GEGLU_TILES = SkinnyBlockSizes()
 DEFAULT_RESIDUAL_NORM_TILES = ResidualNormBlockSizes()
 
 
-@dataclasses.dataclass(frozen=True)
-class ProjectionSplits:
-    """(K splits, block_n) of each expert projection's skinny_matmul. The defaults are the fastest of
-    scripts/gpu_skinny_matmul.py at M = 50 on the H200 (the micro-benchmark, each projection alone)."""
-
-    qkv: tuple[int, int] = (4, 64)
-    attn_out: tuple[int, int] = (2, 32)
-    down: tuple[int, int] = (8, 64)
-
-    def __post_init__(self):
-        for name in ("qkv", "attn_out", "down"):
-            splits, block_n = getattr(self, name)
-            if splits < 1 or block_n < 16 or block_n & (block_n - 1):
-                raise ValueError(f"ProjectionSplits.{name} must be (splits >= 1, block_n a power of two >= 16); "
-                                 f"got {name}={getattr(self, name)}")
-
-
-DEFAULT_PROJECTION_SPLITS = ProjectionSplits()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +95,21 @@ class FastPathOptions:
     cross_attention_tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES
     # the expert's gate/up GEMM + GeGLU with attention="pallas": "pallas" (pallas_kernels.skinny_matmul.geglu_matmul
     # on a transposed copy of gating_einsum made by prepare, weight_packing.PackOptions.transpose_expert_gating) or
-    # "xla" (XLA's GEMM on openpi's layout, then the GeGLU fusion). attention="xla" always runs XLA's.
+    # "xla" (XLA's GEMM on openpi's layout, then the GeGLU fusion) or "mosaic" (pallas_kernels.pdl_matmul's
+    # pdl_geglu_matmul on the same transposed copy: Mosaic GPU, its weight slab loaded before waiting on the input;
+    # bfloat16 only, the Triton kernel in float32). attention="xla" always runs XLA's.
     expert_geglu: str = "pallas"
     expert_geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES  # tiles of that kernel
     # the expert's QKV, attention-out and down projections with attention="pallas": "pallas" (all three as
     # pallas_kernels.skinny_matmul.skinny_matmul, K split, on transposed copies made by prepare; QKV only with
-    # cross_attention_qkv="packed"), "out_down" (attention-out and down in Pallas, QKV in XLA) or "xla"
+    # cross_attention_qkv="packed"), "out_down" (attention-out and down in Pallas, QKV in XLA), "mosaic" (as
+    # "pallas", through the Mosaic GPU PDL kernel pallas_kernels.pdl_matmul; bfloat16 only, Triton's in float32) or
+    # "xla"
     expert_projections: str = "xla"
-    expert_projection_splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS  # their K splits and tiles
+    expert_projection_splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS  # their K splits and tiles (Triton)
+    expert_pdl_splits: ProjectionSplits = PDL_PROJECTION_SPLITS  # the same for the Mosaic GPU PDL kernels
+    # the PDL kernels issue griddepcontrol.launch_dependents / wait (False: the same kernels without them)
+    expert_pdl: bool = True
     # the expert's gated residual adds and the adaRMS norm after each, with attention="pallas": "pallas"
     # (pallas_kernels.residual_norm.gated_residual_norm: one kernel for both, summing a Pallas projection's split-K
     # partials itself) or "xla" (XLA's residual fusion, then its norm fusion)
@@ -147,8 +147,8 @@ class FastPathOptions:
         if self.cross_attention_qkv not in CROSS_ATTENTION_QKV:
             raise ValueError(f"cross_attention_qkv must be one of {CROSS_ATTENTION_QKV}, got "
                              f"{self.cross_attention_qkv!r}")
-        if self.expert_geglu not in EXPERT_MATMULS:
-            raise ValueError(f"expert_geglu must be one of {EXPERT_MATMULS}, got {self.expert_geglu!r}")
+        if self.expert_geglu not in EXPERT_GEGLU:
+            raise ValueError(f"expert_geglu must be one of {EXPERT_GEGLU}, got {self.expert_geglu!r}")
         if self.expert_projections not in EXPERT_PROJECTIONS:
             raise ValueError(f"expert_projections must be one of {EXPERT_PROJECTIONS}, got "
                              f"{self.expert_projections!r}")
@@ -172,8 +172,9 @@ class FastPathOptions:
 
     @property
     def pallas_geglu(self) -> bool:
-        """Whether the expert's GeGLU runs the Pallas kernel (the fused expert reads openpi's gating layout)."""
-        return self.attention == "pallas" and self.expert_geglu == "pallas" and self.fused_expert is None
+        """Whether the expert's GeGLU runs a Pallas kernel (Triton or Mosaic GPU) on the transposed gating weight (the
+        fused expert reads openpi's gating layout)."""
+        return self.attention == "pallas" and self.expert_geglu in ("pallas", "mosaic") and self.fused_expert is None
 
     @property
     def pallas_projections(self) -> tuple[str, ...]:
@@ -181,9 +182,18 @@ class FastPathOptions:
         its QKV needs the packed attention); () for none."""
         if self.attention != "pallas" or self.fused_expert is not None or self.expert_projections == "xla":
             return ()
-        if self.expert_projections == "pallas" and self.cross_attention_qkv == "packed":
+        if self.expert_projections in ("pallas", "mosaic") and self.cross_attention_qkv == "packed":
             return weight_packing.EXPERT_PROJECTIONS
         return ("attn_out", "down")
+
+    @property
+    def mosaic_geglu(self) -> bool:
+        return self.pallas_geglu and self.expert_geglu == "mosaic"
+
+    @property
+    def mosaic_projections(self) -> bool:
+        """Whether pallas_projections run the Mosaic GPU PDL matmul instead of the Triton one."""
+        return self.expert_projections == "mosaic"
 
     @property
     def pallas_residual_norm(self) -> bool:
@@ -220,78 +230,6 @@ def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed",
     return attend
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitPartials:
-    """A projection's product left unreduced: float32 split-K partial sums [S, B*T, N] of a [B, T, N] product in
-    `dtype`. Only `pallas_residual_norm` reads it (it sums the splits inside its kernel)."""
-
-    parts: jnp.ndarray
-    shape: tuple[int, ...]
-    dtype: jnp.dtype
-
-
-def _skinny(x, w_t, split: tuple[int, int], *, reduce: bool = True):
-    """x [..., K] @ w_t [N, K]^T in x's dtype: the K splits' float32 partials summed (XLA fuses the sum and the
-    rounding into the op that consumes them, as with its own split-K GEMMs), or with reduce=False left as
-    SplitPartials for the fused residual + norm kernel."""
-    (splits, block_n), lead, k = split, x.shape[:-1], x.shape[-1]
-    while splits > 1 and (k % splits or k // splits < 16):  # small models (the tiny config): fewer splits
-        splits //= 2
-    parts = skinny_matmul(x.reshape(-1, k), w_t.reshape(-1, k).astype(x.dtype), k_splits=splits,
-                          block_sizes=SkinnyBlockSizes(block_n=block_n))
-    shape = (*lead, *w_t.shape[:-1])
-    if not reduce:
-        return SplitPartials(parts, shape, x.dtype)
-    return parts.sum(0).astype(x.dtype).reshape(shape)
-
-
-def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES, *, reduce: bool = True,
-                      splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS):
-    """gemma.feed_forward with the gate/up GEMM and GeGLU in pallas_kernels.skinny_matmul.geglu_matmul when the
-    layer holds the transposed gating weight, and the down projection in skinny_matmul when it holds `linear_t`
-    (weight_packing; reduce=False: its SplitPartials); XLA's einsums for whatever is not transposed (e.g.
-    quantized)."""
-    w_t = mlp.get("gating_einsum_t")
-    if w_t is None:
-        if "linear_t" not in mlp:
-            return gemma.feed_forward(h, mlp)
-        gate, up = weight_einsum("BTD,CDF->CBTF", h, mlp["gating_einsum"])
-        hidden = gemma.gelu_tanh(gate) * up
-    else:
-        b, t, d = h.shape
-        hidden = geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype), block_sizes=geglu_tiles).reshape(b, t, -1)
-    if "linear_t" in mlp:
-        return _skinny(hidden, mlp["linear_t"], splits.down, reduce=reduce)
-    return weight_einsum("BTF,FD->BTD", hidden, mlp["linear"])
-
-
-def pallas_qkv_rotated(h, attn, positions, *, splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS):
-    w_t = attn.get("qkv_einsum_1_t")
-    if w_t is None:
-        return denoise_fast.xla_qkv_rotated(h, attn, positions)
-    return gemma.rotate_packed_qkv(_skinny(h, w_t["w"], splits.qkv), positions)  # w_t [K, G+2, H, D]
-
-
-def pallas_attn_out(o, attn, *, reduce: bool = True, splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS):
-    w_t = attn.get("attn_vec_einsum_1_t")
-    if w_t is None:
-        return denoise_fast.xla_attn_out(o, attn)
-    b, t = o.shape[:2]
-    return _skinny(o.reshape(b, t, -1), w_t["w"], splits.attn_out, reduce=reduce)  # w_t [D, N*H]
-
-
-def pallas_residual_norm(x, y, gate, scale, shift, tiles: ResidualNormBlockSizes | None = None):
-    """denoise_fast.xla_residual_norm as one kernel (pallas_kernels.residual_norm.gated_residual_norm): y is a
-    projection's SplitPartials (summed in the kernel) or its [B,T,D] product (one split). Modulations that are not
-    one row per width (per-batch tables) take XLA's ops."""
-    b, t, d = x.shape
-    if gate.size != d or scale.size != d or shift.size != d:
-        y = y.parts.sum(0).astype(y.dtype).reshape(y.shape) if isinstance(y, SplitPartials) else y
-        return denoise_fast.xla_residual_norm(x, y, gate, scale, shift)
-    parts = y.parts if isinstance(y, SplitPartials) else y.astype(jnp.float32).reshape(1, b * t, d)
-    x_new, h = gated_residual_norm(parts, x.reshape(b * t, d), gate, scale, shift, block_sizes=tiles)
-    return x_new.reshape(b, t, d), h.reshape(b, t, d)
-
 
 def _gating_weight(layer):
     """What the cross-attention prefetches: the expert's transposed gating weight, which geglu_matmul reads next."""
@@ -299,19 +237,23 @@ def _gating_weight(layer):
 
 
 def expert_matmuls(options: FastPathOptions) -> denoise_fast.ExpertMatmuls:
-    """The expert layer's matmuls for these options: the Pallas skinny kernels where prepare transposed weights;
-    with the Pallas residual + norm, the attention-out and down projections hand it their unreduced partials."""
+    """The expert layer's matmuls for these options: the Pallas skinny kernels (Triton, or Mosaic GPU with PDL)
+    where prepare transposed weights; with the Pallas residual + norm, the attention-out and down projections hand
+    it their unreduced partials."""
     fused_norm = options.pallas_residual_norm
     reduce = not fused_norm
     projections, splits = options.pallas_projections, options.expert_projection_splits
+    mosaic = dict(mosaic=options.mosaic_projections, pdl_splits=options.expert_pdl_splits, pdl=options.expert_pdl)
     ops = {}
     if options.pallas_geglu or "down" in projections:
         ops["mlp"] = functools.partial(pallas_expert_mlp, geglu_tiles=options.expert_geglu_tiles, reduce=reduce,
-                                       splits=splits)
+                                       splits=splits, mosaic_geglu=options.mosaic_geglu,
+                                       mosaic_down=options.mosaic_projections, pdl_splits=options.expert_pdl_splits,
+                                       pdl=options.expert_pdl)
     if "qkv" in projections:
-        ops["qkv_rotated"] = functools.partial(pallas_qkv_rotated, splits=splits)
+        ops["qkv_rotated"] = functools.partial(pallas_qkv_rotated, splits=splits, **mosaic)
     if "attn_out" in projections:
-        ops["attn_out"] = functools.partial(pallas_attn_out, reduce=reduce, splits=splits)
+        ops["attn_out"] = functools.partial(pallas_attn_out, reduce=reduce, splits=splits, **mosaic)
     if options.cross_attention_prefetch and options.pallas_geglu and options.cross_attention_qkv == "packed":
         ops["prefetch"] = _gating_weight
     if fused_norm:

@@ -215,7 +215,48 @@ OPTION_VARIANTS = {
     "residual-norm-pallas-xla-projections": fast_path.FastPathOptions(attention="pallas",
                                                                       expert_residual_norm="pallas"),
     "cross-attention-prefetch": fast_path.FastPathOptions(attention="pallas", cross_attention_prefetch=True),
+    # float32: the Mosaic GPU PDL kernels take bfloat16 only, so this runs the Triton kernels on the same weights
+    "expert-mosaic-in-float32": fast_path.FastPathOptions(attention="pallas", expert_projections="mosaic",
+                                                          expert_geglu="mosaic"),
 }
+
+# The Mosaic GPU PDL matmuls (pallas_kernels.pdl_matmul) in the expert, bfloat16 (their only dtype), interpret mode.
+MOSAIC_VARIANTS = {
+    "mosaic-all": fast_path.FastPathOptions(attention="pallas", expert_projections="mosaic", expert_geglu="mosaic"),
+    "mosaic-no-pdl-fused-norm": fast_path.FastPathOptions(attention="pallas", expert_projections="mosaic",
+                                                          expert_geglu="mosaic", expert_pdl=False,
+                                                          expert_residual_norm="pallas"),
+}
+
+
+@pytest.mark.parametrize("name", list(MOSAIC_VARIANTS))
+def test_mosaic_pdl_expert_matches_upstream_bf16_and_pallas(tiny_bf16, model_cases, name, monkeypatch):
+    """Every expert projection and GeGLU goes through the PDL kernels (counted while tracing: 3 projections and one
+    GeGLU per layer), and the actions pass the bfloat16 gates against upstream and against `pallas`."""
+    from pallas_kernels import pdl_matmul
+
+    calls = {"pdl_matmul": 0, "pdl_geglu_matmul": 0}
+
+    def counting(kernel_name, kernel):
+        def counted(*args, **kwargs):
+            calls[kernel_name] += 1
+            return kernel(*args, **kwargs)
+        return counted
+
+    for kernel_name in calls:
+        monkeypatch.setattr(pdl_matmul, kernel_name, counting(kernel_name, getattr(pdl_matmul, kernel_name)))
+    impl = fast_path.make_implementation(f"test-{name}", MOSAIC_VARIANTS[name])
+    sampler.register(impl)
+    ins, obs = _case(tiny_bf16, model_cases, "batch2_mixed")
+    actions = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), impl.name)
+    depth = tiny_bf16.config.expert.depth
+    assert calls == {"pdl_matmul": 3 * depth, "pdl_geglu_matmul": depth}
+    monkeypatch.undo()
+    pallas = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), "pallas")
+    upstream = model_cases["batch2_mixed/out/bf16/actions"]
+    for want in (upstream, pallas):
+        assert cosine(actions, want) >= BF16_MIN_COSINE
+        assert rel_err(actions, want) <= BF16_MAX_REL
 
 
 def test_prefetch_is_wired_only_where_it_can_run():
