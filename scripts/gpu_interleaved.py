@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Fast-path options timed interleaved on the GPU, so drift and run-to-run noise hit every variant alike.
 
-Each VARIANTS entry is a FastPathOptions; each is prepared once (host plan, packed weights), its one-jit sample
-compiled, then timed the way `pi05 bench` times the total (the specialized jitted sample, host prep excluded,
-block_until_ready): --rounds rounds, each timing --per-round calls of every variant in turn. Reports per variant
-the median and p10 / p90 over all timed calls, the median of its per-round medians, and the actions' cosine /
-relative error against the first variant (full size, random bf16 weights, 2 views + 60 prompt tokens, 10 steps).
+Each entry of the chosen variant set is a FastPathOptions; each is prepared once (host plan, packed weights), its
+one-jit sample compiled, then timed the way `pi05 bench` times the total (the specialized jitted sample, host prep
+excluded, block_until_ready): --rounds rounds, each timing --per-round calls of every variant in turn. Reports per
+variant the median and p10 / p90 over all timed calls, the median of its per-round medians, and the actions' cosine
+/ relative error against the first variant (full size, random bf16 weights, 2 views + 60 prompt tokens, 10 steps).
 
-    python scripts/gpu_interleaved.py [--rounds 10] [--per-round 10]
+    python scripts/gpu_interleaved.py [--set pdl] [--rounds 10] [--per-round 10]
+
+--set picks one of VARIANT_SETS: "pdl" (the expert's matmuls as Mosaic GPU PDL kernels, pallas_kernels.pdl_matmul,
+with and without their griddepcontrol instructions), "tiles" (session 4's cross-attention key blocks).
 """
 
 from __future__ import annotations
@@ -31,21 +34,35 @@ from pi05_jax import fast_path
 
 P = dict(attention="pallas")
 TILES = gqa_cross_attention.BlockSizes()
-VARIANTS = {
-    "default": fast_path.FastPathOptions(**P),
-    "cross-attention 128-key blocks, 1 stage": fast_path.FastPathOptions(
-        **P, cross_attention_tiles=dataclasses.replace(TILES, block_k=128, num_stages=1)),
-    "cross-attention 128-key blocks, 256-key splits, 1 stage": fast_path.FastPathOptions(
-        **P, cross_attention_tiles=dataclasses.replace(TILES, block_k=128, split_k=256, num_stages=1)),
-    "cross-attention 64-key blocks, 1 stage": fast_path.FastPathOptions(
-        **P, cross_attention_tiles=dataclasses.replace(TILES, num_stages=1)),
-    "default, again": fast_path.FastPathOptions(**P, bucket_size=64),
+VARIANT_SETS = {
+    "pdl": {
+        "default": fast_path.FastPathOptions(**P),
+        "Mosaic PDL projections": fast_path.FastPathOptions(**P, expert_projections="mosaic"),
+        "Mosaic PDL GeGLU": fast_path.FastPathOptions(**P, expert_geglu="mosaic"),
+        "Mosaic PDL projections + GeGLU": fast_path.FastPathOptions(**P, expert_projections="mosaic",
+                                                                    expert_geglu="mosaic"),
+        "Mosaic projections + GeGLU, no PDL": fast_path.FastPathOptions(**P, expert_projections="mosaic",
+                                                                        expert_geglu="mosaic", expert_pdl=False),
+        "Mosaic PDL all + fused residual norm": fast_path.FastPathOptions(**P, expert_projections="mosaic",
+                                                                          expert_geglu="mosaic",
+                                                                          expert_residual_norm="pallas"),
+        "default, again": fast_path.FastPathOptions(**P, bucket_size=64),
+    },
+    "tiles": {
+        "default": fast_path.FastPathOptions(**P),
+        "cross-attention 64-key blocks, 2 stages (session 3 default)": fast_path.FastPathOptions(
+            **P, cross_attention_tiles=TILES),
+        "cross-attention 128-key blocks, 256-key splits, 1 stage": fast_path.FastPathOptions(
+            **P, cross_attention_tiles=dataclasses.replace(TILES, block_k=128, split_k=256, num_stages=1)),
+        "default, again": fast_path.FastPathOptions(**P, bucket_size=64),
+    },
 }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="full")
+    ap.add_argument("--set", default="pdl", choices=sorted(VARIANT_SETS), help="which variants to time")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=10)
     args = ap.parse_args()
@@ -53,7 +70,7 @@ def main():
     noise = jnp.asarray(noise)
     steps = sel.steps
     runs = {}
-    for i, (label, options) in enumerate(VARIANTS.items()):
+    for i, (label, options) in enumerate(VARIANT_SETS[args.set].items()):
         impl = fast_path.make_implementation(f"interleaved{i}", options)
         prepared, plan = impl.prepare(built.params, built.obs, steps)
         fn = jax.jit(impl.specialize(plan).sample, static_argnums=3)

@@ -9,6 +9,11 @@ each Pallas variant's relative error against XLA's result (bf16 weights and acti
 
     python scripts/gpu_skinny_matmul.py [--repeats 50]
     python scripts/gpu_skinny_matmul.py --l2   # each op at its default tiles, cold (18 weights) then warm (one)
+    python scripts/gpu_skinny_matmul.py --pdl  # XLA vs Triton vs the Mosaic GPU PDL kernels, with and without PDL
+
+`--pdl` adds pallas_kernels.pdl_matmul (Mosaic GPU, weight slab loaded into shared memory before
+griddepcontrol.wait) at a few tiles, each with its griddepcontrol instructions and without, and one chain where
+the PDL GeGLU feeds the PDL down projection directly (the model's gate/up -> down pair, no kernel between them).
 
 `--l2` asks how much of each op's time is the weights' trip from HBM: the same chains, once with 18 different
 weights (cold: every layer reads HBM) and once with one weight for all 18 layers (warm: after the first layer the
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from gpu_common import median_seconds, rel_err, say
 
+from pallas_kernels import pdl_matmul
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes, geglu_matmul, skinny_matmul
 
 LAYERS, M, D, F = 18, 50, 1024, 4096
@@ -38,6 +44,11 @@ GEGLU_TILES = [(32, 256, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3), (32, 256, 4, 2
 # (block_n, block_k, K splits, num_warps, num_stages)
 PROJ_TILES = [(32, 256, 4, 4, 3), (32, 256, 8, 4, 3), (64, 256, 8, 4, 3), (32, 128, 8, 4, 4), (64, 128, 16, 4, 3),
               (32, 256, 2, 4, 3), (64, 256, 4, 4, 3)]
+PDL = False  # --pdl: the Mosaic GPU PDL kernels too
+# (block_n, K splits) of the PDL kernels per projection; the GeGLU's block_n
+PDL_PROJ_TILES = {"down": [(64, 8), (64, 16), (32, 8)], "attn out": [(64, 8), (64, 4), (32, 8)],
+                  "qkv": [(64, 4), (64, 2), (32, 4)]}
+PDL_GEGLU_BLOCK_N = [32, 16]
 
 
 WARM = False  # --l2's second pass: every layer of a chain reads the same weight
@@ -63,7 +74,7 @@ def report(label, fn, args, nbytes, repeats, want=None):
     sec = median_seconds(fn, *args, repeats=repeats) / LAYERS
     line = f"{label:44s} {sec * 1e6:7.2f} us/layer  {nbytes / sec / 1e9:7.0f} GB/s"
     if want is not None:
-        line += f"  rel err vs XLA {rel_err(np.asarray(out, np.float32), np.asarray(want, np.float32)):.1e}"
+        line += f"  rel err vs the first line {rel_err(np.asarray(out, np.float32), np.asarray(want, np.float32)):.1e}"
     say(line)
     return out
 
@@ -72,7 +83,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--l2", action="store_true", help="default tiles only, cold weights then L2-warm ones")
+    ap.add_argument("--pdl", action="store_true", help="also the Mosaic GPU PDL kernels (pallas_kernels.pdl_matmul)")
     args = ap.parse_args()
+    global PDL
+    PDL = args.pdl
     say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     if args.l2:
         global GEGLU_TILES, PROJ_TILES, WARM
@@ -112,6 +126,20 @@ def run_all(args):
 
         report(f"gate/up+GeGLU  Pallas n{bn} k{bk} w{warps} s{stages}", pallas_geglu, (h0, wgu_t), nbytes,
                args.repeats, want)
+    for bn in PDL_GEGLU_BLOCK_N if PDL else ():
+        for use_pdl in (True, False):
+            bs = pdl_matmul.fit_block_sizes(D, F, k_splits=1, block_n=bn, groups=2, pdl=use_pdl)
+
+            @jax.jit
+            def mosaic_geglu(h, ws, bs=bs):
+                for w in ws:
+                    h = _stream(h, pdl_matmul.pdl_geglu_matmul(h, w, block_sizes=bs))
+                return h
+
+            report(f"gate/up+GeGLU  Mosaic n{bn} {'PDL' if use_pdl else 'no PDL'}", mosaic_geglu, (h0, wgu_t),
+                   nbytes, args.repeats, want)
+    if PDL:
+        pdl_pair(key, h0, wgu_t, args.repeats)
 
     # split-K projections with the residual add: down [F, D], attention out [2048, D], QKV [D, 2560]
     for name, k, n in [("down", F, D), ("attn out", 2048, D), ("qkv", D, 2560)]:
@@ -142,6 +170,46 @@ def run_all(args):
 
             report(f"{name:8s} Pallas n{bn} k{bk} S{splits} w{warps} s{stages}", pallas_proj, (h0, x0, ws_t),
                    nbytes, args.repeats, want)
+        for bn, splits in PDL_PROJ_TILES[name] if PDL else ():
+            for use_pdl in (True, False):
+                bs = pdl_matmul.fit_block_sizes(k, n, k_splits=splits, block_n=bn, pdl=use_pdl)
+
+                @jax.jit
+                def mosaic_proj(h, x, ws, bs=bs):
+                    for w in ws:
+                        parts = pdl_matmul.pdl_matmul(x, w, k_splits=bs.k_splits, block_sizes=bs)
+                        h = _stream(h, jnp.sum(parts, axis=0))
+                        x = x + h[:, :1].astype(x.dtype)
+                    return h
+
+                report(f"{name:8s} Mosaic n{bn} S{splits} {'PDL' if use_pdl else 'no PDL'}", mosaic_proj,
+                       (h0, x0, ws_t), nbytes, args.repeats, want)
+
+
+def pdl_pair(key, h0, wgu_t, repeats):
+    """gate/up + GeGLU then down, 18 layers, the GeGLU's output feeding the down projection directly (as in the
+    model): Triton kernels vs the PDL kernels with and without their griddepcontrol instructions."""
+    wd_t = [w.T for w in _weights(jax.random.fold_in(key, 9), (F, D), F**-0.5)]
+    nbytes = 3 * D * F * 2
+
+    def chain(geglu, down):
+        @jax.jit
+        def run(h, wgs, wds):
+            for wg, wd in zip(wgs, wds, strict=True):
+                h = _stream(h, jnp.sum(down(geglu(h, wg), wd), axis=0))
+            return h
+        return run
+
+    triton = chain(lambda h, w: geglu_matmul(h, w), lambda a, w: skinny_matmul(a, w, k_splits=8,
+                                                                               block_sizes=SkinnyBlockSizes(block_n=64)))
+    want = report("gate/up -> down  Triton", triton, (h0, wgu_t, wd_t), nbytes, repeats)
+    for use_pdl in (True, False):
+        gbs = pdl_matmul.fit_block_sizes(D, F, k_splits=1, block_n=32, groups=2, pdl=use_pdl)
+        dbs = pdl_matmul.fit_block_sizes(F, D, k_splits=8, block_n=64, pdl=use_pdl)
+        mosaic = chain(lambda h, w, b=gbs: pdl_matmul.pdl_geglu_matmul(h, w, block_sizes=b),
+                       lambda a, w, b=dbs: pdl_matmul.pdl_matmul(a, w, k_splits=b.k_splits, block_sizes=b))
+        report(f"gate/up -> down  Mosaic {'PDL' if use_pdl else 'no PDL'}", mosaic, (h0, wgu_t, wd_t), nbytes,
+               repeats, want)
 
 
 if __name__ == "__main__":
