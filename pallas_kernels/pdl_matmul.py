@@ -13,6 +13,10 @@ their start, so the kernel after them may start its own prologue early; that ker
 completion before reading anything this one writes (PTX ISA: griddepcontrol.wait waits for the prerequisite grids
 to complete and their memory to be flushed), so correctness never depends on the overlap.
 
+The contract that makes the early weight reads safe: **w must be a buffer nothing in the same executable writes**
+(a parameter of the jit, e.g. a weight packed once at load). A weight computed inside the jit (a cast, a transpose)
+may still be in flight in an earlier kernel when these read it; with `pdl=False` the kernels have no such contract.
+
 Each program owns an output tile of block_n columns and one K split; its whole weight slab ([block_n, K / S] per
 group) sits in shared memory, so the grid is sized to one wave at the expert's shapes (QKV 1024 x 2560: 40 x 4
 programs of 32 KiB; attention out 2048 x 1024 and down 4096 x 1024: 16 x 8 programs of 32 / 64 KiB; gate/up

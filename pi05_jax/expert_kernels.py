@@ -22,10 +22,18 @@ import jax.numpy as jnp
 from pallas_kernels import pdl_matmul
 from pallas_kernels.residual_norm import ResidualNormBlockSizes, gated_residual_norm
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes, geglu_matmul, skinny_matmul
-from pi05_jax import denoise_fast, gemma
+from pi05_jax import gemma
 from pi05_jax.weights import weight_einsum
 
 DEFAULT_GEGLU_TILES = SkinnyBlockSizes()
+
+
+def _xla_ops():
+    """pi05_jax.denoise_fast, whose XLA ops are the fallbacks here. Imported when first needed: denoise_fast imports
+    the sampler, whose registry imports fast_path, which imports this module (tests/test_imports.py)."""
+    from pi05_jax import denoise_fast
+
+    return denoise_fast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +90,9 @@ def _skinny(x, w_t, split: tuple[int, int], *, reduce: bool = True):
 
 
 def _pdl_ready(x, w) -> bool:
-    """Whether the wgmma kernels can take these operands: bfloat16 activations and a plain bfloat16 weight array."""
+    """Whether the wgmma kernels can take these operands: bfloat16 activations and a stored bfloat16 weight array.
+    Stored, not converted here: a PDL kernel reads its weight before waiting for the kernels before it, which is
+    safe only for buffers nothing in the executable writes (its parameters), not for a cast made inside the jit."""
     return x.dtype == jnp.bfloat16 and getattr(w, "dtype", None) == jnp.bfloat16
 
 
@@ -110,12 +120,11 @@ def _geglu(h, w_t, geglu_tiles: SkinnyBlockSizes, *, mosaic: bool, pdl: bool):
     """gelu(h W_gate) * (h W_up) on the transposed gating weight [2, F, D]: pdl_geglu_matmul if asked and it can
     run, else the Triton geglu_matmul."""
     b, t, d = h.shape
-    w_t = w_t.astype(h.dtype)
     if mosaic and _pdl_ready(h, w_t):
         bs = pdl_matmul.fit_block_sizes(d, w_t.shape[1], k_splits=1, block_n=PDL_GEGLU_BLOCK_N, groups=2, pdl=pdl)
         if bs is not None:
             return pdl_matmul.pdl_geglu_matmul(h.reshape(b * t, d), w_t, block_sizes=bs).reshape(b, t, -1)
-    return geglu_matmul(h.reshape(b * t, d), w_t, block_sizes=geglu_tiles).reshape(b, t, -1)
+    return geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype), block_sizes=geglu_tiles).reshape(b, t, -1)
 
 
 def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES, *, reduce: bool = True,
@@ -146,7 +155,7 @@ def pallas_qkv_rotated(h, attn, positions, *, splits: ProjectionSplits = DEFAULT
     RoPE and the q scale applied ([B,T,K,C,H]); XLA's GEMM where the weight is not transposed."""
     w_t = attn.get("qkv_einsum_1_t")
     if w_t is None:
-        return denoise_fast.xla_qkv_rotated(h, attn, positions)
+        return _xla_ops().xla_qkv_rotated(h, attn, positions)
     y = _project(h, w_t["w"], splits.qkv, pdl_splits.qkv, reduce=True, mosaic=mosaic, pdl=pdl)
     return gemma.rotate_packed_qkv(y, positions)
 
@@ -157,20 +166,20 @@ def pallas_attn_out(o, attn, *, reduce: bool = True, splits: ProjectionSplits = 
     kernel if `mosaic`, else Triton); XLA's einsum where the weight is not transposed."""
     w_t = attn.get("attn_vec_einsum_1_t")
     if w_t is None:
-        return denoise_fast.xla_attn_out(o, attn)
+        return _xla_ops().xla_attn_out(o, attn)
     b, t = o.shape[:2]
     return _project(o.reshape(b, t, -1), w_t["w"], splits.attn_out, pdl_splits.attn_out, reduce=reduce,
                     mosaic=mosaic, pdl=pdl)
 
 
 def pallas_residual_norm(x, y, gate, scale, shift, tiles: ResidualNormBlockSizes | None = None):
-    """denoise_fast.xla_residual_norm as one kernel (pallas_kernels.residual_norm.gated_residual_norm): y is a
+    """_xla_ops().xla_residual_norm as one kernel (pallas_kernels.residual_norm.gated_residual_norm): y is a
     projection's SplitPartials (summed in the kernel) or its [B,T,D] product (one split). Modulations that are not
     one row per width (per-batch tables) take XLA's ops."""
     b, t, d = x.shape
     if gate.size != d or scale.size != d or shift.size != d:
         y = y.parts.sum(0).astype(y.dtype).reshape(y.shape) if isinstance(y, SplitPartials) else y
-        return denoise_fast.xla_residual_norm(x, y, gate, scale, shift)
+        return _xla_ops().xla_residual_norm(x, y, gate, scale, shift)
     parts = y.parts if isinstance(y, SplitPartials) else y.astype(jnp.float32).reshape(1, b * t, d)
     x_new, h = gated_residual_norm(parts, x.reshape(b * t, d), gate, scale, shift, block_sizes=tiles)
     return x_new.reshape(b, t, d), h.reshape(b, t, d)
