@@ -40,7 +40,7 @@ import jax.numpy as jnp
 # lazily while the first pallas_call is traced, that flag changes the tracing context after the sampler's first
 # compile, so the second call of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
-from pallas_kernels import gqa_cross_attention
+from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
 from pallas_kernels.residual_norm import ResidualNormBlockSizes
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
@@ -68,6 +68,7 @@ EXPERT_GEGLU = ("pallas", "xla", "mosaic")
 EXPERT_PROJECTIONS = ("xla", "pallas", "out_down", "mosaic")
 # 128-key blocks in one pipeline stage: each program of a 128-key split loads its K and V tiles at once instead of
 # in two dependent 64-key steps (H200, interleaved in the sampler: 16.09 vs 16.34 / 16.41 ms, docs/PERF.md)
+DEFAULT_PREFILL_ATTENTION_TILES = ragged_prefill_attention.BlockSizes()
 DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes(block_k=128, num_stages=1)
 DEFAULT_RESIDUAL_NORM_TILES = ResidualNormBlockSizes()
 
@@ -80,8 +81,8 @@ class FastPathOptions:
     # SigLIP's self-attention: "xla" (upstream's einsum + softmax) or "pallas" (ragged_prefill_attention with one KV
     # head per query head and every length full; needs fuse_siglip_qkv and pad_siglip_heads: head_dim 72 -> 128)
     vision_attention: str = "xla"
-    # query rows per program of the Pallas prefill attention (ragged_prefill_attention.BlockSizes.block_rows)
-    prefill_block_rows: int = 64
+    # tiles of the Pallas prefill attention (query rows and keys per step, warps, stages)
+    prefill_attention_tiles: ragged_prefill_attention.BlockSizes = DEFAULT_PREFILL_ATTENTION_TILES
     # how the Pallas cross-attention merges its flash-decoding splits (gqa_cross_attention.BlockSizes.combine)
     cross_attention_combine: str = "xla"
     # how the expert's q, k, v reach the Pallas cross-attention when its QKV weight is fused: "packed" (read in place
@@ -158,8 +159,6 @@ class FastPathOptions:
         if self.cross_attention_combine not in gqa_cross_attention.COMBINES:
             raise ValueError(f"cross_attention_combine must be one of {gqa_cross_attention.COMBINES}, got "
                              f"{self.cross_attention_combine!r}")
-        if self.prefill_block_rows < 16 or self.prefill_block_rows & (self.prefill_block_rows - 1):
-            raise ValueError(f"prefill_block_rows must be a power of 2 >= 16, got {self.prefill_block_rows=}")
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
         self.pack_options()  # validates the packing fields
@@ -203,11 +202,8 @@ class FastPathOptions:
 # --- attention callables ------------------------------------------------------------------------------------------
 
 
-def pallas_prefill_attention(lengths, block_rows: int = 64):
-    from pallas_kernels.ragged_prefill_attention import BlockSizes, ragged_prefill_attention
-
-    blocks = dataclasses.replace(BlockSizes(), block_rows=block_rows)
-    return lambda q, k, v: ragged_prefill_attention(q, k, v, lengths, block_sizes=blocks)
+def pallas_prefill_attention(lengths, tiles: ragged_prefill_attention.BlockSizes = DEFAULT_PREFILL_ATTENTION_TILES):
+    return lambda q, k, v: ragged_prefill_attention.ragged_prefill_attention(q, k, v, lengths, block_sizes=tiles)
 
 
 def pallas_vision_attention(q, k, v):
@@ -263,7 +259,7 @@ def expert_matmuls(options: FastPathOptions) -> denoise_fast.ExpertMatmuls:
 
 def _attentions(options: FastPathOptions):
     if options.attention == "pallas":
-        return (functools.partial(pallas_prefill_attention, block_rows=options.prefill_block_rows),
+        return (functools.partial(pallas_prefill_attention, tiles=options.prefill_attention_tiles),
                 functools.partial(pallas_suffix_attention, combine=options.cross_attention_combine,
                                   qkv=options.cross_attention_qkv, tiles=options.cross_attention_tiles))
     return compact_prefix.xla_prefill_attention, denoise_fast.xla_suffix_attention

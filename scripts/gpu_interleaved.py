@@ -10,7 +10,7 @@ variant the median and p10 / p90 over all timed calls, the median of its per-rou
     python scripts/gpu_interleaved.py [--set pdl] [--rounds 10] [--per-round 10]
 
 --set picks one of VARIANT_SETS: "pdl" (the expert's matmuls as Mosaic GPU PDL kernels, pallas_kernels.pdl_matmul,
-with and without their griddepcontrol instructions), "tiles" (session 4's cross-attention key blocks).
+with and without their griddepcontrol instructions), "tiles" (the cross-attention's and the prefill attention's tiles).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from gpu_common import VersusFirst, random_model, say
 
-from pallas_kernels import gqa_cross_attention
+from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
 from pi05_jax import fast_path
 
 P = dict(attention="pallas")
@@ -50,6 +50,10 @@ VARIANT_SETS = {
     },
     "tiles": {
         "default": fast_path.FastPathOptions(**P),
+        "prefill attention 32-row blocks": fast_path.FastPathOptions(
+            **P, prefill_attention_tiles=ragged_prefill_attention.BlockSizes(block_rows=32)),
+        "prefill attention 128-key blocks, 1 stage": fast_path.FastPathOptions(
+            **P, prefill_attention_tiles=ragged_prefill_attention.BlockSizes(block_k=128, num_stages=1)),
         "cross-attention 64-key blocks, 2 stages (session 3 default)": fast_path.FastPathOptions(
             **P, cross_attention_tiles=TILES),
         "cross-attention 128-key blocks, 256-key splits, 1 stage": fast_path.FastPathOptions(

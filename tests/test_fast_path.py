@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import ragged_prefill_attention
 from pi05_jax import compact_prefix, compile_cache, denoise_fast, denoise_fused, fast_path, gemma, sampler
 from pi05_jax.observation import observation_from_arrays
 from pi05_jax.runtime import Model
@@ -180,11 +181,11 @@ BAD_OPTIONS = [  # (options class, bad field values, what the error names)
     (fast_path.FastPathOptions, dict(vision_attention="pallas"), "pad_siglip_heads"),  # head_dim 72: not a power of 2
     (denoise_fused.FusedExpertOptions, dict(qkv="cuda"), "qkv"),
     (fast_path.FastPathOptions, dict(cross_attention_combine="cuda"), "cross_attention_combine"),
-    (fast_path.FastPathOptions, dict(prefill_block_rows=24), "prefill_block_rows"),
     (fast_path.FastPathOptions, dict(expert_geglu="cuda"), "expert_geglu"),
     (fast_path.FastPathOptions, dict(expert_projections="cuda"), "expert_projections"),
     (fast_path.FastPathOptions, dict(expert_residual_norm="cuda"), "expert_residual_norm"),
     (fast_path.FastPathOptions, dict(cross_attention_qkv="fused"), "cross_attention_qkv"),
+    (ragged_prefill_attention.BlockSizes, dict(block_rows=24), "block_rows"),
 ]
 
 
@@ -202,7 +203,10 @@ OPTION_VARIANTS = {
     "fused-pallas-xla-xla": fast_path.FastPathOptions(
         attention="pallas", fused_expert=denoise_fused.FusedExpertOptions(qkv="pallas", mlp_in="xla", residual="xla")),
     "siglip-pallas": fast_path.FastPathOptions(attention="pallas", vision_attention="pallas", pad_siglip_heads=True),
-    "prefill-rows-32": fast_path.FastPathOptions(attention="pallas", prefill_block_rows=32),
+    "prefill-rows-32": fast_path.FastPathOptions(
+        attention="pallas", prefill_attention_tiles=ragged_prefill_attention.BlockSizes(block_rows=32)),
+    "prefill-keys-128-one-stage": fast_path.FastPathOptions(
+        attention="pallas", prefill_attention_tiles=ragged_prefill_attention.BlockSizes(block_k=128, num_stages=1)),
     "cross-attention-split-qkv": fast_path.FastPathOptions(attention="pallas", cross_attention_qkv="split"),
     "expert-geglu-xla": fast_path.FastPathOptions(attention="pallas", expert_geglu="xla"),
     "expert-projections-pallas": fast_path.FastPathOptions(attention="pallas", expert_projections="pallas"),
