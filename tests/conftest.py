@@ -9,6 +9,7 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -80,3 +81,25 @@ def run_cli(argv) -> tuple[int, str, str]:
         code = main(argv)
     lines = [ln for ln in err.getvalue().splitlines(keepends=True) if not ln.startswith("warning: skipping ")]
     return code, out.getvalue(), "".join(lines)
+
+
+def matmul_operands(m: int, k: int, w_shape, dtype, seed: int = 0):
+    """Random x [m, k] and a weight of w_shape scaled by k**-0.5 (products of order one), in dtype; never zeros."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal(w_shape) * k**-0.5, dtype)
+    return x, w
+
+
+def as_f32(x) -> np.ndarray:
+    return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def assert_split_partials(got, want, x, w_t, splits: int, tol: dict):
+    """A split-K kernel's float32 partials [S, M, N] against its reference (tol), and their sum against the whole
+    product x [M, K] @ w_t [N, K]^T in float32."""
+    m, n = x.shape[0], w_t.shape[0]
+    assert got.shape == (splits, m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(as_f32(got), as_f32(want), **tol)
+    full = jnp.einsum("MK,NK->MN", x.astype(jnp.float32), w_t.astype(jnp.float32), precision="highest")
+    np.testing.assert_allclose(as_f32(got.sum(0)), as_f32(full), rtol=1e-5, atol=1e-4)

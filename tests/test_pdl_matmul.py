@@ -22,6 +22,7 @@ from pallas_kernels.pdl_matmul import (
     smem_bytes,
 )
 from pi05_jax import gemma
+from tests.conftest import as_f32, assert_split_partials, matmul_operands
 
 BF16 = jnp.bfloat16
 # bfloat16 operands, float32 accumulation in both: the partials differ only by summation order (~1e-6 relative of
@@ -44,14 +45,7 @@ GEGLU_SHAPES = {"expert": (50, 1024, 4096), "tiny": (100, 32, 64), "few_rows": (
 
 
 def _inputs(m, k, w_shape, seed=0):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((m, k)), BF16)
-    w = jnp.asarray(rng.standard_normal(w_shape) * k**-0.5, BF16)
-    return x, w
-
-
-def as_f32(x):
-    return np.asarray(jnp.asarray(x, jnp.float32))
+    return matmul_operands(m, k, w_shape, BF16, seed)
 
 
 def _check_matmul(name, interpret, pdl=True):
@@ -60,11 +54,7 @@ def _check_matmul(name, interpret, pdl=True):
     bs = fit_block_sizes(k, n, k_splits=splits, block_n=block_n, pdl=pdl)
     assert (bs.k_splits, bs.block_n) == (splits, block_n)
     got = pdl_matmul(x, w, k_splits=splits, block_sizes=bs, interpret=interpret)
-    want = pdl_matmul_reference(x, w, k_splits=splits)
-    assert got.shape == (splits, m, n) and got.dtype == jnp.float32
-    np.testing.assert_allclose(as_f32(got), as_f32(want), **PARTIAL_TOL[BF16])
-    full = jnp.einsum("MK,NK->MN", x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
-    np.testing.assert_allclose(as_f32(got.sum(0)), as_f32(full), rtol=1e-5, atol=1e-4)
+    assert_split_partials(got, pdl_matmul_reference(x, w, k_splits=splits), x, w, splits, PARTIAL_TOL[BF16])
 
 
 def _check_geglu(name, interpret, pdl=True):

@@ -19,6 +19,7 @@ from pallas_kernels.skinny_matmul import (
     skinny_matmul_reference,
 )
 from pi05_jax import gemma
+from tests.conftest import as_f32, assert_split_partials, matmul_operands
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -30,15 +31,7 @@ GEGLU_TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2 
 DTYPES = pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 
 
-def _inputs(m, k, w_shape, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
-    w = jnp.asarray(rng.standard_normal(w_shape) * k**-0.5, dtype)
-    return x, w
-
-
-def as_f32(x):
-    return np.asarray(jnp.asarray(x, jnp.float32))
+_inputs = matmul_operands
 
 
 @DTYPES
@@ -50,12 +43,7 @@ def test_skinny_matmul_partials(m, k, n, splits, block_m, dtype):
     x, w_t = _inputs(m, k, (n, k), dtype)
     bs = SkinnyBlockSizes(block_m=block_m, block_n=16 if n % 32 else 32)
     got = skinny_matmul(x, w_t, k_splits=splits, block_sizes=bs, interpret=True)
-    want = skinny_matmul_reference(x, w_t, k_splits=splits)
-    assert got.shape == (splits, m, n) and got.dtype == jnp.float32
-    np.testing.assert_allclose(as_f32(got), as_f32(want), **PARTIAL_TOL[dtype])
-    # the partials add up to the whole product
-    full = jnp.einsum("MK,NK->MN", x.astype(jnp.float32), w_t.astype(jnp.float32), precision="highest")
-    np.testing.assert_allclose(as_f32(got.sum(0)), as_f32(full), rtol=1e-5, atol=1e-4)
+    assert_split_partials(got, skinny_matmul_reference(x, w_t, k_splits=splits), x, w_t, splits, PARTIAL_TOL[dtype])
 
 
 @DTYPES
