@@ -46,7 +46,7 @@ PROJ_TILES = [(32, 256, 4, 4, 3), (32, 256, 8, 4, 3), (64, 256, 8, 4, 3), (32, 1
               (32, 256, 2, 4, 3), (64, 256, 4, 4, 3)]
 PDL = False  # --pdl: the Mosaic GPU PDL kernels too
 # (block_n, K splits) of the PDL kernels per projection; the GeGLU's block_n
-PDL_PROJ_TILES = {"down": [(64, 8), (64, 16), (32, 8)], "attn out": [(64, 8), (64, 4), (32, 8)],
+PDL_PROJ_TILES = {"down": [(32, 8), (64, 8), (64, 16)], "attn out": [(64, 8), (64, 4), (32, 8)],
                   "qkv": [(64, 4), (64, 2), (32, 4)]}
 PDL_GEGLU_BLOCK_N = [32, 16]
 
@@ -203,13 +203,14 @@ def pdl_pair(key, h0, wgu_t, repeats):
     triton = chain(lambda h, w: geglu_matmul(h, w), lambda a, w: skinny_matmul(a, w, k_splits=8,
                                                                                block_sizes=SkinnyBlockSizes(block_n=64)))
     want = report("gate/up -> down  Triton", triton, (h0, wgu_t, wd_t), nbytes, repeats)
-    for use_pdl in (True, False):
+    # down tiles: (8, 32) and (16, 64) programs fit in shared memory beside a GeGLU program, (8, 64) does not
+    for (splits, bn), use_pdl in [((8, 32), True), ((8, 32), False), ((16, 64), True), ((8, 64), True)]:
         gbs = pdl_matmul.fit_block_sizes(D, F, k_splits=1, block_n=32, groups=2, pdl=use_pdl)
-        dbs = pdl_matmul.fit_block_sizes(F, D, k_splits=8, block_n=64, pdl=use_pdl)
+        dbs = pdl_matmul.fit_block_sizes(F, D, k_splits=splits, block_n=bn, pdl=use_pdl)
         mosaic = chain(lambda h, w, b=gbs: pdl_matmul.pdl_geglu_matmul(h, w, block_sizes=b),
                        lambda a, w, b=dbs: pdl_matmul.pdl_matmul(a, w, k_splits=b.k_splits, block_sizes=b))
-        report(f"gate/up -> down  Mosaic {'PDL' if use_pdl else 'no PDL'}", mosaic, (h0, wgu_t, wd_t), nbytes,
-               repeats, want)
+        report(f"gate/up -> down n{bn} S{splits}  Mosaic {'PDL' if use_pdl else 'no PDL'}", mosaic,
+               (h0, wgu_t, wd_t), nbytes, repeats, want)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ GEGLU_TOL = {BF16: dict(rtol=2 * 2**-8, atol=2 * 2**-8)}
 MATMUL_SHAPES = {
     "qkv": (50, 1024, 2560, 4, 64),
     "attn_out": (50, 2048, 1024, 8, 64),
-    "down": (50, 4096, 1024, 8, 64),
+    "down": (50, 4096, 1024, 8, 32),
+    "down_n64": (50, 4096, 1024, 8, 64),
     "qkv_batch2": (100, 1024, 2560, 4, 64),
     "tiny_qkv": (50, 32, 160, 1, 32),
     "tiny_attn_out": (100, 128, 32, 2, 32),
@@ -95,6 +96,19 @@ def test_fit_block_sizes_fit_the_shape_and_shared_memory(k, n, splits, block_n, 
     assert bs is not None
     assert n % bs.block_n == 0 and k % (bs.block_k * bs.k_splits) == 0 and bs.k_splits <= splits
     assert smem_bytes(k, bs, groups=groups, itemsize=2, out_itemsize=2 if groups == 2 else 4) <= SHARED_MEMORY_BUDGET
+
+
+def test_default_down_program_fits_beside_a_geglu_program():
+    """The expert's default PDL tiles (pi05_jax.expert_kernels) let the down projection's programs start while the
+    GeGLU's run (the model's back-to-back pair): one program of each fits in an SM's 228 KiB of shared memory."""
+    from pi05_jax.expert_kernels import PDL_GEGLU_BLOCK_N, PDL_PROJECTION_SPLITS
+
+    splits, block_n = PDL_PROJECTION_SPLITS.down
+    down = fit_block_sizes(4096, 1024, k_splits=splits, block_n=block_n)
+    geglu = fit_block_sizes(1024, 4096, k_splits=1, block_n=PDL_GEGLU_BLOCK_N, groups=2)
+    both = (smem_bytes(4096, down, groups=1, itemsize=2, out_itemsize=4)
+            + smem_bytes(1024, geglu, groups=2, itemsize=2, out_itemsize=2))
+    assert both <= 228 * 1024 - 2 * 1024  # the SM's shared memory, less 1 KiB the hardware reserves per block
 
 
 def test_fit_block_sizes_gives_up_where_nothing_fits():
