@@ -228,22 +228,23 @@ def pdl_matmul_reference(x: jax.Array, w: jax.Array, *, k_splits: int = 1) -> ja
     return jnp.einsum("MSK,NSK->SMN", xs, ws, precision=lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def _pdl_geglu_matmul(x, w, *, block_sizes, interpret):
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "padded_rows"))
+def _pdl_geglu_matmul(x, w, *, block_sizes, interpret, padded_rows):
     xp, m = _pad_rows(x)
     out = _call(xp, w, block_sizes, geglu=True, out_dtype=x.dtype, interpret=interpret, name="pdl_geglu_matmul")
-    return out[0, :m]
+    return out[0] if padded_rows else out[0, :m]
 
 
 def pdl_geglu_matmul(x: jax.Array, w: jax.Array, *, block_sizes: PdlMatmulBlockSizes | None = None,
-                     interpret: bool | None = None) -> jax.Array:
+                     interpret: bool | None = None, padded_rows: bool = False) -> jax.Array:
     """gelu_tanh(x @ w[0]^T) * (x @ w[1]^T): x [M, K], w [2, F, K] (gating_einsum [2, K, F] stored transposed).
-    [M, F] in x's dtype."""
+    [M, F] in x's dtype; with padded_rows, [M rounded up to 64, F] as the kernel wrote it, the rows past M exactly
+    zero (x's padding rows are zeros and gelu(0) * 0 = 0), ready for another PDL matmul without a pad or a slice."""
     _check(x, w, True, "pdl_geglu_matmul wants x [M, K] and w [2, F, K] (gate, up; stored transposed), same K")
     bs = dataclasses.replace(block_sizes or PdlMatmulBlockSizes(block_n=32), k_splits=1)
     m, k = x.shape
     _check_tiles(m, k, w.shape[1], bs, groups=2, itemsize=2, out_itemsize=2)
-    return _pdl_geglu_matmul(x, w, block_sizes=bs, interpret=resolve_interpret(interpret))
+    return _pdl_geglu_matmul(x, w, block_sizes=bs, interpret=resolve_interpret(interpret), padded_rows=padded_rows)
 
 
 def pdl_geglu_matmul_reference(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ A projection's product is either reduced here (XLA fuses the split sum into its 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -97,35 +98,38 @@ def _pdl_ready(x, w) -> bool:
     return x.dtype == jnp.bfloat16 and getattr(w, "dtype", None) == jnp.bfloat16
 
 
-def _pdl_project(x, w_t, split: tuple[int, int], *, pdl: bool, reduce: bool = True):
-    """x [..., K] @ w_t [N..., K]^T through the Mosaic GPU pdl_matmul; None where it cannot run (float32, or no
-    tiles fit)."""
+def _pdl_project(x, w_t, split: tuple[int, int], lead: tuple[int, ...], *, pdl: bool, reduce: bool = True):
+    """x [R, K] @ w_t [N..., K]^T through the Mosaic GPU pdl_matmul, for a product of shape (*lead, N...): R may
+    exceed prod(lead) by zero padding rows (a PDL GeGLU's output), sliced off here. None where the kernel cannot run
+    (float32, or no tiles fit)."""
     if not _pdl_ready(x, w_t):
         return None
-    lead, k = x.shape[:-1], x.shape[-1]
+    k = x.shape[-1]
     w2 = w_t.reshape(-1, k)
     bs = pdl_matmul.fit_block_sizes(k, w2.shape[0], k_splits=split[0], block_n=split[1], pdl=pdl)
     if bs is None:
         return None
-    parts = pdl_matmul.pdl_matmul(x.reshape(-1, k), w2, k_splits=bs.k_splits, block_sizes=bs)
-    return _finish(parts, (*lead, *w_t.shape[:-1]), x.dtype, reduce)
+    parts = pdl_matmul.pdl_matmul(x, w2, k_splits=bs.k_splits, block_sizes=bs)
+    return _finish(parts[:, :math.prod(lead)], (*lead, *w_t.shape[:-1]), x.dtype, reduce)
 
 
 def _project(x, w_t, split, pdl_split, *, reduce: bool, mosaic: bool, pdl: bool):
-    """A projection on a transposed weight: the Mosaic GPU PDL kernel if asked and it can run, else the Triton one."""
-    y = _pdl_project(x, w_t, pdl_split, pdl=pdl, reduce=reduce) if mosaic else None
+    """x [..., K] @ w_t [N..., K]^T: the Mosaic GPU PDL kernel if asked and it can run, else the Triton one."""
+    lead = x.shape[:-1]
+    y = _pdl_project(x.reshape(-1, x.shape[-1]), w_t, pdl_split, lead, pdl=pdl, reduce=reduce) if mosaic else None
     return _skinny(x, w_t, split, reduce=reduce) if y is None else y
 
 
 def _geglu(h, w_t, geglu_tiles: SkinnyBlockSizes, *, mosaic: bool, pdl: bool):
-    """gelu(h W_gate) * (h W_up) on the transposed gating weight [2, F, D]: pdl_geglu_matmul if asked and it can
-    run, else the Triton geglu_matmul."""
+    """gelu(h W_gate) * (h W_up) on the transposed gating weight [2, F, D], as [R, F] with R >= B*T rows:
+    pdl_geglu_matmul if asked and it can run (its 64-row padding kept: the rows past B*T are zero), else the
+    Triton geglu_matmul (R = B*T)."""
     b, t, d = h.shape
     if mosaic and _pdl_ready(h, w_t):
         bs = pdl_matmul.fit_block_sizes(d, w_t.shape[1], k_splits=1, block_n=PDL_GEGLU_BLOCK_N, groups=2, pdl=pdl)
         if bs is not None:
-            return pdl_matmul.pdl_geglu_matmul(h.reshape(b * t, d), w_t, block_sizes=bs).reshape(b, t, -1)
-    return geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype), block_sizes=geglu_tiles).reshape(b, t, -1)
+            return pdl_matmul.pdl_geglu_matmul(h.reshape(b * t, d), w_t, block_sizes=bs, padded_rows=True)
+    return geglu_matmul(h.reshape(b * t, d), w_t.astype(h.dtype), block_sizes=geglu_tiles)
 
 
 def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES, *, reduce: bool = True,
@@ -134,20 +138,24 @@ def pallas_expert_mlp(h, mlp, geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILE
                       pdl: bool = True):
     """gemma.feed_forward on our kernels where the layer holds transposed weights (weight_packing): the gate/up +
     GeGLU on `gating_einsum_t` and the down projection on `linear_t` (reduce=False: its SplitPartials), each through
-    the Mosaic GPU PDL kernel when asked (mosaic_geglu / mosaic_down) and the Triton kernel otherwise; XLA's einsums
-    for whatever is not transposed (e.g. quantized)."""
+    the Mosaic GPU PDL kernel when asked (mosaic_geglu / mosaic_down; the GeGLU's padded rows go straight into the
+    down kernel) and the Triton kernel otherwise; XLA's einsums for whatever is not transposed (e.g. quantized)."""
+    b, t, _ = h.shape
     w_t = mlp.get("gating_einsum_t")
     if w_t is None:
         if "linear_t" not in mlp:
             return gemma.feed_forward(h, mlp)
         gate, up = weight_einsum("BTD,CDF->CBTF", h, mlp["gating_einsum"])
-        hidden = gemma.gelu_tanh(gate) * up
+        hidden = (gemma.gelu_tanh(gate) * up).reshape(b * t, -1)
     else:
-        hidden = _geglu(h, w_t, geglu_tiles, mosaic=mosaic_geglu, pdl=pdl)
+        hidden = _geglu(h, w_t, geglu_tiles, mosaic=mosaic_geglu, pdl=pdl)  # [R >= B*T, F]
     if "linear_t" in mlp:
-        return _project(hidden, mlp["linear_t"], splits.down, pdl_splits.down, reduce=reduce, mosaic=mosaic_down,
-                        pdl=pdl)
-    return weight_einsum("BTF,FD->BTD", hidden, mlp["linear"])
+        w_down = mlp["linear_t"]
+        y = _pdl_project(hidden, w_down, pdl_splits.down, (b, t), pdl=pdl, reduce=reduce) if mosaic_down else None
+        if y is not None:
+            return y
+        return _skinny(hidden[:b * t].reshape(b, t, -1), w_down, splits.down, reduce=reduce)
+    return weight_einsum("BTF,FD->BTD", hidden[:b * t].reshape(b, t, -1), mlp["linear"])
 
 
 def pallas_qkv_rotated(h, attn, positions, *, splits: ProjectionSplits = DEFAULT_PROJECTION_SPLITS,

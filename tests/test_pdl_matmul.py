@@ -78,6 +78,15 @@ def test_pdl_geglu_matmul(name):
     _check_geglu(name, interpret=True)
 
 
+def test_geglu_padded_rows_are_zero_and_the_rest_unchanged():
+    """padded_rows keeps the kernel's 64-row output: a PDL down projection reads it without a pad or a slice."""
+    x, w = _inputs(50, 64, (2, 32, 64), seed=4)
+    padded = pdl_geglu_matmul(x, w, padded_rows=True, interpret=True)
+    assert padded.shape == (64, 32)
+    np.testing.assert_array_equal(as_f32(padded[:50]), as_f32(pdl_geglu_matmul(x, w, interpret=True)))
+    np.testing.assert_array_equal(as_f32(padded[50:]), np.zeros((14, 32), np.float32))
+
+
 def test_geglu_reference_is_upstreams_mlp_front():
     """The reference on the transposed gating weight equals upstream's gelu(x W_gate) * (x W_up) on openpi's
     [2, D, F] in bf16."""
