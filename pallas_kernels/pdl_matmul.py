@@ -60,7 +60,8 @@ SHARED_MEMORY_BUDGET = 220 * 1024
 class PdlMatmulBlockSizes:
     """Tiles. block_n: output columns per program (16, 32, 64 or a multiple of 64); block_k: contracted elements
     per wgmma step (64: one 128-byte swizzle row of bfloat16 x and of the weight tile); k_splits:
-    programs sharing one output tile along K; max_concurrent_steps: x tiles in flight; pdl: issue the
+    programs sharing one output tile along K; max_concurrent_steps: x tiles in flight after the wait (capped at the
+    program's K steps; each round trip to L2 is latency the program waits out, each buffer 8 KiB); pdl: issue the
     griddepcontrol instructions (False: the same kernel without them, to measure what they buy)."""
 
     block_n: int = 64
@@ -96,7 +97,8 @@ def _swizzle_transforms(minor_elems: int, itemsize: int):
 def smem_bytes(k: int, bs: PdlMatmulBlockSizes, *, groups: int, itemsize: int, out_itemsize: int) -> int:
     """Shared memory of one program: weight slab + x pipeline buffers + output tile."""
     slab = groups * (k // bs.k_splits) * bs.block_n * itemsize
-    x_buffers = bs.max_concurrent_steps * _WGMMA_M * bs.block_k * itemsize
+    k_steps = k // (bs.block_k * bs.k_splits)
+    x_buffers = max(2, min(bs.max_concurrent_steps, k_steps)) * _WGMMA_M * bs.block_k * itemsize
     return slab + x_buffers + _WGMMA_M * bs.block_n * out_itemsize
 
 
@@ -154,7 +156,7 @@ def _call(x, w, bs: PdlMatmulBlockSizes, *, geglu: bool, out_dtype, interpret: b
                 grid=(k_steps,),
                 in_specs=[plgpu.BlockSpec((_WGMMA_M, bk), lambda t: (pid_m, pid_s * k_steps + t),
                                           transforms=x_transforms, delay_release=1)],
-                max_concurrent_steps=bs.max_concurrent_steps,
+                max_concurrent_steps=max(2, min(bs.max_concurrent_steps, k_steps)),
             )(x_gmem)
             plgpu.wgmma_wait(0)
             return tuple(a[...] for a in acc_refs)
@@ -254,11 +256,17 @@ def pdl_geglu_matmul_reference(x: jax.Array, w: jax.Array) -> jax.Array:
     return (_gelu_tanh(gate) * up).astype(x.dtype)
 
 
-def fit_block_sizes(k: int, n: int, *, k_splits: int, block_n: int, groups: int = 1,
-                    pdl: bool = True) -> PdlMatmulBlockSizes | None:
+# x tiles in flight by default: all of a projection's K steps up to 4; 2 for the GeGLU, whose 128 KiB weight slab
+# leaves room beside it for one program of the down projection that follows it (pi05_jax.expert_kernels).
+DEFAULT_X_IN_FLIGHT = {1: 4, 2: 2}
+
+
+def fit_block_sizes(k: int, n: int, *, k_splits: int, block_n: int, groups: int = 1, pdl: bool = True,
+                    x_in_flight: int | None = None) -> PdlMatmulBlockSizes | None:
     """Tiles for a [M, K] x [G, N, K]^T problem near the requested (k_splits, block_n): block_n halves (down to 16)
     until it divides N, k_splits halves until each split is a whole number of 16-element steps, block_k is the
-    largest of 64 / 32 / 16 dividing a split. None when nothing fits (the caller runs XLA's matmul instead)."""
+    largest of 64 / 32 / 16 dividing a split; x_in_flight (None: DEFAULT_X_IN_FLIGHT) is max_concurrent_steps.
+    None when nothing fits (the caller runs another kernel instead)."""
     bn = block_n
     while bn > 16 and n % bn:
         bn //= 2
@@ -269,7 +277,8 @@ def fit_block_sizes(k: int, n: int, *, k_splits: int, block_n: int, groups: int 
         return None
     per_split = k // splits
     bk = next(b for b in (64, 32, 16) if per_split % b == 0)
-    bs = PdlMatmulBlockSizes(block_n=bn, block_k=bk, k_splits=splits, pdl=pdl)
+    in_flight = DEFAULT_X_IN_FLIGHT.get(groups, 2) if x_in_flight is None else x_in_flight
+    bs = PdlMatmulBlockSizes(block_n=bn, block_k=bk, k_splits=splits, max_concurrent_steps=in_flight, pdl=pdl)
     out_itemsize = 2 if groups == 2 else 4
     if smem_bytes(k, bs, groups=groups, itemsize=2, out_itemsize=out_itemsize) > SHARED_MEMORY_BUDGET:
         return None

@@ -170,20 +170,26 @@ def run_all(args):
 
             report(f"{name:8s} Pallas n{bn} k{bk} S{splits} w{warps} s{stages}", pallas_proj, (h0, x0, ws_t),
                    nbytes, args.repeats, want)
-        for bn, splits in PDL_PROJ_TILES[name] if PDL else ():
-            for use_pdl in (True, False):
-                bs = pdl_matmul.fit_block_sizes(k, n, k_splits=splits, block_n=bn, pdl=use_pdl)
+        for (bn, splits), use_pdl, in_flight in _pdl_projection_variants(name) if PDL else ():
+            bs = pdl_matmul.fit_block_sizes(k, n, k_splits=splits, block_n=bn, pdl=use_pdl, x_in_flight=in_flight)
 
-                @jax.jit
-                def mosaic_proj(h, x, ws, bs=bs):
-                    for w in ws:
-                        parts = pdl_matmul.pdl_matmul(x, w, k_splits=bs.k_splits, block_sizes=bs)
-                        h = _stream(h, jnp.sum(parts, axis=0))
-                        x = x + h[:, :1].astype(x.dtype)
-                    return h
+            @jax.jit
+            def mosaic_proj(h, x, ws, bs=bs):
+                for w in ws:
+                    parts = pdl_matmul.pdl_matmul(x, w, k_splits=bs.k_splits, block_sizes=bs)
+                    h = _stream(h, jnp.sum(parts, axis=0))
+                    x = x + h[:, :1].astype(x.dtype)
+                return h
 
-                report(f"{name:8s} Mosaic n{bn} S{splits} {'PDL' if use_pdl else 'no PDL'}", mosaic_proj,
-                       (h0, x0, ws_t), nbytes, args.repeats, want)
+            report(f"{name:8s} Mosaic n{bn} S{splits} x{in_flight} {'PDL' if use_pdl else 'no PDL'}", mosaic_proj,
+                   (h0, x0, ws_t), nbytes, args.repeats, want)
+
+
+def _pdl_projection_variants(name):
+    """((block_n, K splits), PDL on, x tiles in flight): every tile with and without PDL at 4 x tiles in flight,
+    then the first tile with 2 and 8 in flight."""
+    tiles = PDL_PROJ_TILES[name]
+    return [(t, p, 4) for t in tiles for p in (True, False)] + [(tiles[0], True, 2), (tiles[0], True, 8)]
 
 
 def pdl_pair(key, h0, wgu_t, repeats):
