@@ -10,7 +10,8 @@ variant the median and p10 / p90 over all timed calls, the median of its per-rou
     python scripts/gpu_interleaved.py [--set pdl] [--rounds 10] [--per-round 10]
 
 --set picks one of VARIANT_SETS: "pdl" (the expert's matmuls as Mosaic GPU PDL kernels, pallas_kernels.pdl_matmul,
-with and without their griddepcontrol instructions), "tiles" (the cross-attention's and the prefill attention's tiles).
+with and without their griddepcontrol instructions), "tiles" (the cross-attention's and the prefill attention's
+tiles, SigLIP's attention in Pallas: options the noisier script harness could not separate).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ VARIANT_SETS = {
             **P, prefill_attention_tiles=ragged_prefill_attention.BlockSizes(block_rows=32)),
         "prefill attention 128-key blocks, 1 stage": fast_path.FastPathOptions(
             **P, prefill_attention_tiles=ragged_prefill_attention.BlockSizes(block_k=128, num_stages=1)),
+        "SigLIP attention in Pallas (heads padded 72 -> 128)": fast_path.FastPathOptions(
+            **P, vision_attention="pallas", pad_siglip_heads=True),
         "cross-attention 64-key blocks, 2 stages (session 3 default)": fast_path.FastPathOptions(
             **P, cross_attention_tiles=TILES),
         "cross-attention 128-key blocks, 256-key splits, 1 stage": fast_path.FastPathOptions(
