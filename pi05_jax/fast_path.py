@@ -16,12 +16,13 @@ Both run the same exact restructuring of upstream's computation (each piece is d
   a lax.scan that copies each layer's slice of the stacked weight before the matmul.
 `fused` (experimental, slower today: docs/PERF.md) is `pallas` with `pi05_jax.denoise_fused`'s expert layer. Other
 `FastPathOptions` (SigLIP attention in Pallas, attention and GeGLU tiles, the Pallas combine of the cross-attention's
-splits, the expert's projections as Pallas split-K matmuls, the gated residual + adaRMS norm as one Pallas kernel on
-their partials, the cross-attention streaming the GeGLU weight into L2) are measured alternatives that lost or tied;
-they stay selectable for the next card. `compact` uses XLA's attention and matmuls; `pallas` calls
-`pallas_kernels.ragged_prefill_attention` in prefill, and in denoise `pallas_kernels.gqa_cross_attention` (reading
-q, k and v in place from the fused QKV GEMM's output) and `pallas_kernels.skinny_matmul.geglu_matmul` for the
-expert's gate/up + GeGLU on a transposed copy of its gating weight (in Pallas interpret mode on the CPU).
+splits, the expert's projections as Pallas split-K matmuls (Triton, or Mosaic GPU kernels that load their weights
+before waiting for their input: Programmatic Dependent Launch, not yet measured), the gated residual + adaRMS norm as
+one Pallas kernel on their partials, the cross-attention streaming the GeGLU weight into L2) are measured alternatives
+that lost or tied; they stay selectable for the next card. `compact` uses XLA's attention and matmuls; `pallas` calls
+`pallas_kernels.ragged_prefill_attention` in prefill, and in denoise `pallas_kernels.gqa_cross_attention` (reading q,
+k and v in place from the fused QKV GEMM's output) and `pallas_kernels.skinny_matmul.geglu_matmul` for the expert's
+gate/up + GeGLU on a transposed copy of its gating weight (in Pallas interpret mode on the CPU).
 
 Static shapes come from the host: `prepare` (run by `sampler.sample_actions` before the jit) reads the observation's
 masks and returns a `PrefixPlan` (valid-view count, bucket), so the executable is keyed by (batch, valid views,
@@ -62,17 +63,15 @@ ATTENTIONS = ("xla", "pallas")
 VISION_ATTENTIONS = ("xla", "pallas")
 CROSS_ATTENTION_QKV = ("packed", "split")
 EXPERT_MATMULS = ("pallas", "xla")
-# the expert's gate/up + GeGLU: Triton on a transposed copy, XLA, or the Mosaic GPU PDL kernel on openpi's layout
+# the expert's gate/up + GeGLU: Triton on a transposed copy, XLA, or the Mosaic GPU PDL kernel on that copy
 EXPERT_GEGLU = ("pallas", "xla", "mosaic")
 # the expert's projections: all three in Pallas (QKV needs the packed attention), attention-out and down only, none
 EXPERT_PROJECTIONS = ("xla", "pallas", "out_down", "mosaic")
+DEFAULT_PREFILL_ATTENTION_TILES = ragged_prefill_attention.BlockSizes()
 # 128-key blocks in one pipeline stage: each program of a 128-key split loads its K and V tiles at once instead of
 # in two dependent 64-key steps (H200, interleaved in the sampler: 16.09 vs 16.34 / 16.41 ms, docs/PERF.md)
-DEFAULT_PREFILL_ATTENTION_TILES = ragged_prefill_attention.BlockSizes()
 DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes(block_k=128, num_stages=1)
 DEFAULT_RESIDUAL_NORM_TILES = ResidualNormBlockSizes()
-
-
 
 
 @dataclasses.dataclass(frozen=True)
