@@ -361,6 +361,12 @@ FUSED = make_implementation(
     "fused", FastPathOptions(attention="pallas", fused_expert=FusedExpertOptions()),
     "experimental: as 'pallas', with the expert layer as fused Pallas GEMMs (adaRMS norm, RoPE, GeGLU and gated "
     "residuals folded in; pi05_jax.denoise_fused); exact, but slower than 'pallas' on the H200 (docs/PERF.md)")
+PALLAS_PDL = make_implementation(
+    "pallas-pdl", FastPathOptions(attention="pallas", expert_projections="mosaic", expert_geglu="mosaic"),
+    "experimental: as 'pallas', with the expert's GEMMs as Mosaic GPU kernels that load their weights before waiting "
+    "for their input (Programmatic Dependent Launch, pallas_kernels.pdl_matmul; bfloat16, Triton's kernels in "
+    "float32); not yet measured on a card")
 sampler.register(COMPACT)
 sampler.register(PALLAS)
 sampler.register(FUSED)
+sampler.register(PALLAS_PDL)

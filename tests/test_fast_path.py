@@ -226,7 +226,7 @@ OPTION_VARIANTS = {
 
 # The Mosaic GPU PDL matmuls (pallas_kernels.pdl_matmul) in the expert, bfloat16 (their only dtype), interpret mode.
 MOSAIC_VARIANTS = {
-    "mosaic-all": fast_path.FastPathOptions(attention="pallas", expert_projections="mosaic", expert_geglu="mosaic"),
+    "pallas-pdl": None,  # the registered implementation (`--kernels pallas-pdl`)
     "mosaic-no-pdl-fused-norm": fast_path.FastPathOptions(attention="pallas", expert_projections="mosaic",
                                                           expert_geglu="mosaic", expert_pdl=False,
                                                           expert_residual_norm="pallas"),
@@ -249,10 +249,12 @@ def test_mosaic_pdl_expert_matches_upstream_bf16_and_pallas(tiny_bf16, model_cas
 
     for kernel_name in calls:
         monkeypatch.setattr(pdl_matmul, kernel_name, counting(kernel_name, getattr(pdl_matmul, kernel_name)))
-    impl = fast_path.make_implementation(f"test-{name}", MOSAIC_VARIANTS[name])
-    sampler.register(impl)
+    kernels = name
+    if MOSAIC_VARIANTS[name] is not None:
+        kernels = f"test-{name}"
+        sampler.register(fast_path.make_implementation(kernels, MOSAIC_VARIANTS[name]))
     ins, obs = _case(tiny_bf16, model_cases, "batch2_mixed")
-    actions = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), impl.name)
+    actions = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), kernels)
     depth = tiny_bf16.config.expert.depth
     assert calls == {"pdl_matmul": 3 * depth, "pdl_geglu_matmul": depth}
     monkeypatch.undo()

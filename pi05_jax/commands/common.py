@@ -27,7 +27,9 @@ class Progress:
 # --help without importing JAX.
 KERNELS_HELP = ("'reference' (plain JAX, upstream-exact), 'compact' (valid views, compacted prefix, XLA attention), "
                 "'pallas' (compact + the Pallas attention and GeGLU kernels: the fast path), "
-                "'fused' (experimental: pallas + fused expert GEMMs, slower today)")
+                "'fused' (experimental: pallas + fused expert GEMMs, slower today), "
+                "'pallas-pdl' (experimental: pallas + the expert's GEMMs as Mosaic GPU kernels with Programmatic "
+                "Dependent Launch, not yet measured)")
 
 
 def add_model_args(p: argparse.ArgumentParser, *, checkpoint_required: bool = True) -> None:
