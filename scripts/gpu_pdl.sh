@@ -7,8 +7,8 @@
 #   sampler:  the sampler's variants interleaved (scripts/gpu_interleaved.py --set pdl)
 #   profile:  pallas vs the Mosaic PDL variant, per-kernel profile without CUDA graphs (overlap shows as kernels
 #             whose spans overlap: the profile's per-kernel sums may then exceed the wall time)
-#   xla_pdl:  the default pallas path with XLA's own PDL switched off and on (XLA_FLAGS --xla_gpu_enable_pdl), each
-#             in its own process: what PDL between XLA's fusions already buys
+#   bench:    pi05 bench of reference, pallas and pallas-pdl (the issues' figure), then pallas and pallas-pdl with
+#             XLA's own PDL switched off (XLA_FLAGS --xla_gpu_enable_pdl=false): what PDL between XLA's fusions buys
 #   verify:   every gpu-marked test with today's defaults, then the 1000-call soak in the deployed layout (packed
 #             load: the device memory the shapes predict, 6.25 GiB of weights, is not measured yet)
 #   tiles:    the cross-attention key blocks again (session 4 adopted 128-key blocks on one interleaved run)
@@ -18,7 +18,7 @@
 # -3 to -8 us per layer-step, -0.5 to -1.4 ms per call. Without the griddepcontrol instructions the same kernels
 # should tie the Triton ones (+-0.3 ms).
 set -uo pipefail
-stage=${1:?stage: check, sampler, profile, xla_pdl, verify or tiles}
+stage=${1:?stage: check, sampler, profile, bench, verify or tiles}
 out=${2:-/tmp/pdl}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -41,13 +41,15 @@ profile)
     --runs 3 --quiet --no-cuda-graphs --top 20 --trace-dir /tmp/traces --json "$out/profile_mosaic.json" \
     > "$out/profile_mosaic.log" 2>&1; grep -v "^\[" "$out/profile_mosaic.log" | grep -v "trace:" | head -60
   ;;
-xla_pdl)
-  for flag in false true; do
-    echo "=== --xla_gpu_enable_pdl=$flag"
-    XLA_FLAGS="--xla_gpu_enable_pdl=$flag" timeout 250 python3 -m pi05_jax.cli bench --preset full --views 2 \
-      --prompt-len 60 --steps 10 --kernels pallas --runs 20 2>&1 | grep -v '^\[' | head -9 \
-      | tee "$out/bench_xla_pdl_$flag.log"
-  done
+bench)
+  echo "=== bench reference,pallas,pallas-pdl"
+  timeout 300 python3 -m pi05_jax.cli bench --preset full --views 2 --prompt-len 60 --steps 10 \
+    --kernels reference,pallas,pallas-pdl --runs 20 --json "$out/bench_pdl.json" 2>&1 | grep -v '^\[' \
+    | tee "$out/bench_pdl.log"
+  echo "=== the same without XLA's PDL (--xla_gpu_enable_pdl=false)"
+  XLA_FLAGS="--xla_gpu_enable_pdl=false" timeout 250 python3 -m pi05_jax.cli bench --preset full --views 2 \
+    --prompt-len 60 --steps 10 --kernels pallas,pallas-pdl --runs 20 2>&1 | grep -v '^\[' \
+    | tee "$out/bench_no_xla_pdl.log"
   ;;
 verify)
   echo "=== pytest -m gpu (all)"
