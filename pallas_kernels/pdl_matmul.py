@@ -102,7 +102,7 @@ def smem_bytes(k: int, bs: PdlMatmulBlockSizes, *, groups: int, itemsize: int, o
     return slab + x_buffers + _WGMMA_M * bs.block_n * out_itemsize
 
 
-def _check_tiles(m_pad, k, n, bs: PdlMatmulBlockSizes, *, groups, itemsize, out_itemsize):
+def _check_tiles(k, n, bs: PdlMatmulBlockSizes, *, groups, itemsize, out_itemsize):
     if n % bs.block_n:
         raise ValueError(f"N must be a multiple of block_n: N={n}, {bs.block_n=}")
     if k % (bs.block_k * bs.k_splits):
@@ -111,7 +111,6 @@ def _check_tiles(m_pad, k, n, bs: PdlMatmulBlockSizes, *, groups, itemsize, out_
     if need > SHARED_MEMORY_BUDGET:
         raise ValueError(f"tiles need {need} bytes of shared memory per program (budget {SHARED_MEMORY_BUDGET}): "
                          f"K={k}, N={n}, groups={groups}, {bs}; raise k_splits or lower block_n")
-    del m_pad
 
 
 def _call(x, w, bs: PdlMatmulBlockSizes, *, geglu: bool, out_dtype, interpret: bool, name: str):
@@ -217,8 +216,8 @@ def pdl_matmul(x: jax.Array, w: jax.Array, *, k_splits: int = 1, block_sizes: Pd
     block_sizes.k_splits is replaced by `k_splits`."""
     _check(x, w, False, "pdl_matmul wants x [M, K] and w [N, K] (stored transposed) with the same K")
     bs = dataclasses.replace(block_sizes or PdlMatmulBlockSizes(), k_splits=k_splits)
-    m, k = x.shape
-    _check_tiles(m, k, w.shape[0], bs, groups=1, itemsize=2, out_itemsize=4)
+    k = x.shape[1]
+    _check_tiles(k, w.shape[0], bs, groups=1, itemsize=2, out_itemsize=4)
     return _pdl_matmul(x, w, block_sizes=bs, interpret=resolve_interpret(interpret))
 
 
@@ -244,8 +243,8 @@ def pdl_geglu_matmul(x: jax.Array, w: jax.Array, *, block_sizes: PdlMatmulBlockS
     zero (x's padding rows are zeros and gelu(0) * 0 = 0), ready for another PDL matmul without a pad or a slice."""
     _check(x, w, True, "pdl_geglu_matmul wants x [M, K] and w [2, F, K] (gate, up; stored transposed), same K")
     bs = dataclasses.replace(block_sizes or PdlMatmulBlockSizes(block_n=32), k_splits=1)
-    m, k = x.shape
-    _check_tiles(m, k, w.shape[1], bs, groups=2, itemsize=2, out_itemsize=2)
+    k = x.shape[1]
+    _check_tiles(k, w.shape[1], bs, groups=2, itemsize=2, out_itemsize=2)
     return _pdl_geglu_matmul(x, w, block_sizes=bs, interpret=resolve_interpret(interpret), padded_rows=padded_rows)
 
 

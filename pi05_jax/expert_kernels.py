@@ -58,7 +58,8 @@ DEFAULT_PROJECTION_SPLITS = ProjectionSplits()
 # The PDL kernels hold each program's whole weight slab in shared memory, about one wave of programs at the full
 # expert's shapes: QKV 40 x 4 programs (32 KiB slabs), attention out 16 x 8 (32 KiB), down 32 x 8 (32 KiB). The down
 # projection's programs are sized to start early beside the GeGLU's (each of those takes ~148 KiB of an SM's 228):
-# 56 KiB fits next to one, a 64-column tile (96 KiB) would not. Not yet measured on a card (docs/PERF.md).
+# 72 KiB (slab, 4 x tiles in flight, output tile) fits next to one, a 64-column tile (112 KiB) would not. Not yet
+# measured on a card (docs/PERF.md).
 PDL_PROJECTION_SPLITS = ProjectionSplits(qkv=(4, 64), attn_out=(8, 64), down=(8, 32))
 PDL_GEGLU_BLOCK_N = 32  # 128 programs of 128 KiB for gate/up 1024 x 2 x 4096
 

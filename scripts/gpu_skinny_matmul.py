@@ -209,7 +209,7 @@ def pdl_pair(key, h0, wgu_t, repeats):
     triton = chain(lambda h, w: geglu_matmul(h, w), lambda a, w: skinny_matmul(a, w, k_splits=8,
                                                                                block_sizes=SkinnyBlockSizes(block_n=64)))
     want = report("gate/up -> down  Triton", triton, (h0, wgu_t, wd_t), nbytes, repeats)
-    # down tiles: (8, 32) and (16, 64) programs fit in shared memory beside a GeGLU program, (8, 64) does not
+    # down tiles: an (8, 32) program fits in shared memory beside a GeGLU program, (16, 64) and (8, 64) do not
     for (splits, bn), use_pdl in [((8, 32), True), ((8, 32), False), ((16, 64), True), ((8, 64), True)]:
         gbs = pdl_matmul.fit_block_sizes(D, F, k_splits=1, block_n=32, groups=2, pdl=use_pdl)
         dbs = pdl_matmul.fit_block_sizes(F, D, k_splits=splits, block_n=bn, pdl=use_pdl)
