@@ -225,31 +225,44 @@ def gqa_cross_attention(
     v_self: jax.Array,
     *,
     block_sizes: BlockSizes = BlockSizes(),
+    self_length: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Softmax attention of q over (valid prefix keys ++ all self keys).
+    """Softmax attention of q over (valid prefix keys ++ valid self keys).
 
     q [B,T,N,H] (RoPE'd, pre-scaled by H**-0.5), k_prefix/v_prefix [B,S,K,H] with prefix_lengths int [B] valid slots
-    at the front (clamped to [0, S]), k_self/v_self [B,T,K,H] (all valid). Returns [B,T,N,H] in q.dtype.
+    at the front (clamped to [0, S]), k_self/v_self [B,T,K,H] of which the first `self_length` (None: all T) are
+    valid keys (the rest: padding tokens, whose outputs the caller drops). Returns [B,T,N,H] in q.dtype.
     `interpret=None` runs Pallas interpret mode when the default backend is the CPU.
     """
     prefix_lengths = jnp.asarray(prefix_lengths)
     _check_inputs(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self)
+    self_length = _check_self_length(self_length, q.shape[1])
     interpret = resolve_interpret(interpret)
     if not interpret and not _is_power_of_2(q.shape[3]):
         raise ValueError(f"the Triton lowering needs a power-of-2 head dim; got {q.shape=}")
     return _gqa_cross(
         q, k_prefix, v_prefix, prefix_lengths.astype(jnp.int32), k_self, v_self,
-        block_sizes=block_sizes, interpret=interpret,
+        block_sizes=block_sizes, self_length=self_length, interpret=interpret,
     )  # fmt: skip
+
+
+def _check_self_length(self_length: int | None, t: int) -> int:
+    """self_length as an int in [1, T] (None: T)."""
+    if self_length is None:
+        return t
+    if not 1 <= int(self_length) <= t:
+        raise ValueError(f"self_length must be in [1, T={t}] (valid self keys); got {self_length=}")
+    return int(self_length)
 
 
 def _pad_axis1(x, size):
     return x if x.shape[1] >= size else jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, 0), (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def _gqa_cross(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self, *, block_sizes: BlockSizes, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("block_sizes", "self_length", "interpret"))
+def _gqa_cross(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self, *, block_sizes: BlockSizes, self_length: int,
+               interpret: bool):
     b, t, n, h = q.shape
     s, kh = k_prefix.shape[1], k_prefix.shape[2]
     g = n // kh
@@ -269,7 +282,8 @@ def _gqa_cross(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self, *, block_s
     rows_padded = qr.shape[2]
     if block_sizes.single_pass:
         out = _single_pass_call(
-            prefix_lengths, qr, k_prefix, v_prefix, k_self, v_self, prefix_len=s, self_len=t, block_rows=block_rows,
+            prefix_lengths, qr, k_prefix, v_prefix, k_self, v_self, prefix_len=s, self_len=self_length,
+            block_rows=block_rows,
             block_k=block_k, block_k_self=block_k_self, block_sizes=block_sizes, interpret=interpret,
         )[:, :, :rows]  # fmt: skip
         return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
@@ -278,7 +292,7 @@ def _gqa_cross(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self, *, block_s
     kernel = functools.partial(
         _cross_kernel,
         prefix_len=s,
-        self_len=t,
+        self_len=self_length,
         num_prefix_splits=num_prefix_splits,
         split_k=split_k,
         block_rows=block_rows,
@@ -349,9 +363,11 @@ def gqa_cross_attention_packed(
     *,
     prefetch: jax.Array | None = None,
     block_sizes: BlockSizes = BlockSizes(),
+    self_length: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """`gqa_cross_attention` with the action tokens' q, k and v in one packed array, read in place.
+    """`gqa_cross_attention` with the action tokens' q, k and v in one packed array, read in place (self_length:
+    the valid self keys, as there).
 
     qkv [B,T,K,G+2,H]: per KV head, G query heads (RoPE'd, pre-scaled by H**-0.5), then k (RoPE'd), then v: the
     output layout of the expert's fused QKV GEMM, so the XLA op before the kernel is one elementwise fusion (RoPE and
@@ -376,12 +392,13 @@ def gqa_cross_attention_packed(
     if not interpret and not _is_power_of_2(qkv.shape[4]):
         raise ValueError(f"the Triton lowering needs a power-of-2 head dim; got {qkv.shape=}")
     return _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths.astype(jnp.int32), prefetch,
-                             block_sizes=block_sizes, interpret=interpret)[0]
+                             block_sizes=block_sizes, self_length=_check_self_length(self_length, qkv.shape[1]),
+                             interpret=interpret)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "self_length", "interpret"))
 def _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths, prefetch=None, *, block_sizes: BlockSizes,
-                      interpret: bool):
+                      self_length: int | None = None, interpret: bool):
     """(the attention output, the prefetch programs' sums [programs] or None)."""
     b, t, kh, g2, h = qkv.shape
     g = g2 - 2
@@ -418,7 +435,7 @@ def _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths, prefetch=None, *,
         operands = [w]
         in_specs.append(pl.BlockSpec(w.shape, lambda bi, ki, ji, gi, ri: (0, 0)))
     kernel = functools.partial(
-        _packed_kernel, splits=splits, prefetch=prefetch_spec, prefix_len=s, self_len=t,
+        _packed_kernel, splits=splits, prefetch=prefetch_spec, prefix_len=s, self_len=self_length or t,
         num_prefix_splits=num_prefix_splits, split_k=split_k, block_rows=block_rows, block_k=block_k,
         block_k_self=block_k_self, precision=dot_precision(qkv.dtype), split_axis=2, row_axis=4,
     )  # fmt: skip
@@ -459,12 +476,13 @@ def _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths, prefetch=None, *,
     return out.reshape(b, t, kh * g, h).astype(qkv.dtype), (sink[0] if sink else None)
 
 
-def gqa_cross_attention_packed_reference(qkv, k_prefix, v_prefix, prefix_lengths) -> jax.Array:
+def gqa_cross_attention_packed_reference(qkv, k_prefix, v_prefix, prefix_lengths,
+                                         self_length: int | None = None) -> jax.Array:
     """Plain-JAX `gqa_cross_attention_packed`: `gqa_cross_attention_reference` on the unpacked q, k and v."""
     prefix_lengths = jnp.asarray(prefix_lengths)
     _check_packed_inputs(qkv, k_prefix, v_prefix, prefix_lengths)
     q, k, v = unpack_qkv(qkv)
-    return gqa_cross_attention_reference(q, k_prefix, v_prefix, prefix_lengths, k, v)
+    return gqa_cross_attention_reference(q, k_prefix, v_prefix, prefix_lengths, k, v, self_length=self_length)
 
 
 def _combine_kernel(acc_ref, max_ref, sum_ref, o_ref, *, splits, block):
@@ -558,6 +576,7 @@ def gqa_cross_attention_reference(
     prefix_lengths: jax.Array,
     k_self: jax.Array,
     v_self: jax.Array,
+    self_length: int | None = None,
 ) -> jax.Array:
     """Plain-JAX GQA cross-attention: upstream's masked softmax over (prefix ++ self) keys, fp32 logits and probs
     in q.dtype. Same arguments and result as `gqa_cross_attention`."""
@@ -565,11 +584,12 @@ def gqa_cross_attention_reference(
     _check_inputs(q, k_prefix, v_prefix, prefix_lengths, k_self, v_self)
     b, t, n, h = q.shape
     s, kh = k_prefix.shape[1], k_prefix.shape[2]
+    self_length = _check_self_length(self_length, t)
     k = jnp.concatenate([k_prefix, k_self], axis=1)
     v = jnp.concatenate([v_prefix, v_self], axis=1)
     valid = jnp.concatenate(
-        [jnp.arange(s)[None, :] < prefix_lengths[:, None], jnp.ones((b, t), bool)], axis=1
-    )  # [B,S+T]
+        [jnp.arange(s)[None, :] < prefix_lengths[:, None], jnp.broadcast_to(jnp.arange(t) < self_length, (b, t))],
+        axis=1)  # [B,S+T]
     qg = q.reshape(b, t, kh, n // kh, h)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
     logits = jnp.where(valid[:, None, None, None, :], logits, REFERENCE_MASK_VALUE)

@@ -97,15 +97,18 @@ def _step_modulations(table: dict, i):
     return jax.tree.map(pick, table)
 
 
-def xla_suffix_attention(lengths):
-    """Action tokens attend to the compacted prefix (key s valid iff s < lengths[b]) plus all action tokens."""
+def xla_suffix_attention(lengths, self_length: int | None = None):
+    """Action tokens attend to the compacted prefix (key s valid iff s < lengths[b]) plus the action tokens (the
+    first `self_length` of them; None: all, else the rest are row padding, never keys)."""
 
     def attend(q, ck, cv, k, v):
         b, t = q.shape[:2]
         s = ck.shape[1]
         prefix_valid = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+        self_valid = jnp.arange(t) < (t if self_length is None else self_length)  # [T]
         mask = jnp.concatenate(
-            [jnp.broadcast_to(prefix_valid[:, None, :], (b, t, s)), jnp.ones((b, t, t), bool)], axis=-1)
+            [jnp.broadcast_to(prefix_valid[:, None, :], (b, t, s)), jnp.broadcast_to(self_valid, (b, t, t))],
+            axis=-1)
         return gemma.masked_attention(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), mask)
 
     return attend
@@ -207,7 +210,7 @@ def default_unroll_steps(params) -> bool:
 
 def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_attention=xla_suffix_attention,
             unroll_steps: bool | None = None, unroll_layers: bool = False, step_unroll: int = 1,
-            expert_matmuls: ExpertMatmuls = XLA_MATMULS):
+            expert_matmuls: ExpertMatmuls = XLA_MATMULS, pad_action_rows: int = 0):
     """Upstream's Euler loop x <- x + dt * v(x, t) from noise [B,T,A] (float32) -> actions [B,T,A] float32.
 
     `suffix_attention(lengths)` returns the per-layer attention `(q, k_prefix, v_prefix, k_self, v_self) -> out`;
@@ -217,7 +220,12 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
     `default_unroll_steps`); the expert's layers are a lax.scan or, with `unroll_layers` or unstacked layers,
     unrolled (more code, no loop bookkeeping, no per-layer weight slices). `step_unroll` > 1 unrolls that many steps
     per iteration of the fori_loop (fewer loop iterations, each a longer straight-line body). `expert_matmuls` runs
-    each unstacked layer's matmuls (XLA's, or the fast path's Pallas kernels on packed weights)."""
+    each unstacked layer's matmuls (XLA's, or the fast path's Pallas kernels on packed weights).
+
+    `pad_action_rows` > 0: the expert runs on the action tokens padded with zero tokens to a multiple of that many
+    (50 -> 64: whole 64-row tiles for the Mosaic GPU matmuls, no pad before each of them). The padding tokens are
+    never keys (`suffix_attention(lengths, self_length=T)`) and their outputs are dropped, so the valid tokens see
+    exactly upstream's computation; the padding rows stay finite (zero inputs, finite weights)."""
     if step_unroll < 1:
         raise ValueError(f"step_unroll must be >= 1, got {step_unroll=}")
     if unroll_steps is None:
@@ -227,14 +235,21 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, suffix_atte
     table = _table_in(params, num_steps)
     steps = len(sampler.euler_times(num_steps))
     dt = -1.0 / num_steps
+    if pad_action_rows < 0:
+        raise ValueError(f"pad_action_rows must be >= 0, got {pad_action_rows=}")
     horizon = noise.shape[1]
-    positions = prefix.lengths[:, None] + jnp.arange(horizon, dtype=jnp.int32)[None, :]
-    attend = suffix_attention(prefix.lengths)
+    rows = -(-horizon // pad_action_rows) * pad_action_rows if pad_action_rows else horizon
+    positions = prefix.lengths[:, None] + jnp.arange(rows, dtype=jnp.int32)[None, :]
+    attend = suffix_attention(prefix.lengths, self_length=horizon) if rows > horizon else suffix_attention(
+        prefix.lengths)
 
     def step(x, i):
         tokens = promoted_dense(x, params["action_in_proj"]["kernel"], params["action_in_proj"]["bias"])
-        out = expert_forward(llm, tokens.astype(dtype), _step_modulations(table, i), prefix.kv, positions, attend,
-                             unroll_layers=unroll_layers, ops=expert_matmuls)
+        tokens = tokens.astype(dtype)
+        if rows > horizon:
+            tokens = jnp.pad(tokens, ((0, 0), (0, rows - horizon), (0, 0)))
+        out = expert_forward(llm, tokens, _step_modulations(table, i), prefix.kv, positions, attend,
+                             unroll_layers=unroll_layers, ops=expert_matmuls)[:, :horizon]
         v = promoted_dense(out, params["action_out_proj"]["kernel"], params["action_out_proj"]["bias"])
         return x + dt * v
 

@@ -123,6 +123,10 @@ class FastPathOptions:
     step_unroll: int = 1
     # stacked layers: the expert's layers unrolled in Python (True) or a lax.scan (False); unstacked: always unrolled
     unroll_layers: bool = False
+    # the denoise loop's action tokens padded with zero tokens to a multiple of this many rows, never keys, dropped at
+    # the end (denoise_fast.denoise's pad_action_rows); None: 64 where the Mosaic GPU matmuls run (whole 64-row
+    # tiles, no pad before each of them), else 0 (off)
+    pad_action_rows: int | None = None
     # prepare() converts stacked params to per-layer buffers (pi05_jax.layer_stack), once per checkpoint
     unstack_layers: bool = True
     # prepare-time weight restructurings of the unstacked layout (pi05_jax.weight_packing); ignored when stacked
@@ -160,6 +164,8 @@ class FastPathOptions:
                              f"{self.cross_attention_combine!r}")
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
+        if self.pad_action_rows is not None and self.pad_action_rows < 0:
+            raise ValueError(f"pad_action_rows must be >= 0 or None, got {self.pad_action_rows=}")
         self.pack_options()  # validates the packing fields
 
     def pack_options(self) -> weight_packing.PackOptions:
@@ -183,6 +189,13 @@ class FastPathOptions:
         if self.expert_projections in ("pallas", "mosaic") and self.cross_attention_qkv == "packed":
             return weight_packing.EXPERT_PROJECTIONS
         return ("attn_out", "down")
+
+    @property
+    def action_rows(self) -> int:
+        """pad_action_rows with None resolved: 64 when a Mosaic GPU PDL matmul runs in the expert, else 0."""
+        if self.pad_action_rows is not None:
+            return self.pad_action_rows
+        return 64 if self.mosaic_geglu or (self.mosaic_projections and self.pallas_projections) else 0
 
     @property
     def mosaic_geglu(self) -> bool:
@@ -213,15 +226,17 @@ def pallas_vision_attention(q, k, v):
 
 
 def pallas_suffix_attention(lengths, combine: str = "xla", qkv: str = "packed",
-                            tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES):
+                            tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES,
+                            self_length: int | None = None):
     blocks = dataclasses.replace(tiles, combine=combine)
 
     def attend(q, ck, cv, k, v):
-        return gqa_cross_attention.gqa_cross_attention(q, ck, cv, lengths, k, v, block_sizes=blocks)
+        return gqa_cross_attention.gqa_cross_attention(q, ck, cv, lengths, k, v, block_sizes=blocks,
+                                                       self_length=self_length)
 
     if qkv == "packed":  # denoise_fast calls this on layers with a fused QKV weight
         attend.packed = lambda qkv_rotated, ck, cv, prefetch=None: gqa_cross_attention.gqa_cross_attention_packed(
-            qkv_rotated, ck, cv, lengths, prefetch=prefetch, block_sizes=blocks)
+            qkv_rotated, ck, cv, lengths, prefetch=prefetch, block_sizes=blocks, self_length=self_length)
     return attend
 
 
@@ -300,7 +315,7 @@ def denoise(params, prefix, noise, num_steps, *, options: FastPathOptions):
     return denoise_fast.denoise(params, prefix, noise, num_steps, suffix_attention=_attentions(options)[1],
                                 unroll_steps=options.unroll_steps, unroll_layers=options.unroll_layers,
                                 step_unroll=options.step_unroll,
-                                expert_matmuls=expert_matmuls(options))
+                                expert_matmuls=expert_matmuls(options), pad_action_rows=options.action_rows)
 
 
 def make_implementation(name: str, options: FastPathOptions, description: str = "") -> sampler.Implementation:

@@ -47,6 +47,9 @@ VARIANT_SETS = {
         "Mosaic PDL all + fused residual norm": fast_path.FastPathOptions(**P, expert_projections="mosaic",
                                                                           expert_geglu="mosaic",
                                                                           expert_residual_norm="pallas"),
+        "Mosaic PDL all, action rows not padded": fast_path.FastPathOptions(**P, expert_projections="mosaic",
+                                                                            expert_geglu="mosaic", pad_action_rows=0),
+        "default, action rows padded to 64": fast_path.FastPathOptions(**P, pad_action_rows=64),
         "default, again": fast_path.FastPathOptions(**P, bucket_size=64),
     },
     "tiles": {

@@ -186,6 +186,7 @@ BAD_OPTIONS = [  # (options class, bad field values, what the error names)
     (fast_path.FastPathOptions, dict(expert_residual_norm="cuda"), "expert_residual_norm"),
     (fast_path.FastPathOptions, dict(cross_attention_qkv="fused"), "cross_attention_qkv"),
     (ragged_prefill_attention.BlockSizes, dict(block_rows=24), "block_rows"),
+    (fast_path.FastPathOptions, dict(pad_action_rows=-1), "pad_action_rows"),
 ]
 
 
@@ -219,6 +220,11 @@ OPTION_VARIANTS = {
     "residual-norm-pallas-xla-projections": fast_path.FastPathOptions(attention="pallas",
                                                                       expert_residual_norm="pallas"),
     "cross-attention-prefetch": fast_path.FastPathOptions(attention="pallas", cross_attention_prefetch=True),
+    # the action tokens padded 50 -> 64 rows (never keys, dropped at the end): exact, on each attention path
+    "pad-action-rows-64": fast_path.FastPathOptions(attention="pallas", pad_action_rows=64),
+    "pad-action-rows-64-split-qkv": fast_path.FastPathOptions(attention="pallas", pad_action_rows=64,
+                                                              cross_attention_qkv="split"),
+    "pad-action-rows-64-xla-attention": fast_path.FastPathOptions(attention="xla", pad_action_rows=64),
     # float32: the Mosaic GPU PDL kernels take bfloat16 only, so this runs the Triton kernels on the same weights
     "expert-mosaic-in-float32": fast_path.FastPathOptions(attention="pallas", expert_projections="mosaic",
                                                           expert_geglu="mosaic"),
@@ -240,11 +246,13 @@ def test_mosaic_pdl_expert_matches_upstream_bf16_and_pallas(tiny_bf16, model_cas
     from pallas_kernels import pdl_matmul
 
     calls = {"pdl_matmul": 0, "pdl_geglu_matmul": 0}
+    rows = set()
 
     def counting(kernel_name, kernel):
-        def counted(*args, **kwargs):
+        def counted(x, *args, **kwargs):
             calls[kernel_name] += 1
-            return kernel(*args, **kwargs)
+            rows.add(x.shape[0])
+            return kernel(x, *args, **kwargs)
         return counted
 
     for kernel_name in calls:
@@ -257,12 +265,21 @@ def test_mosaic_pdl_expert_matches_upstream_bf16_and_pallas(tiny_bf16, model_cas
     actions = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), kernels)
     depth = tiny_bf16.config.expert.depth
     assert calls == {"pdl_matmul": 3 * depth, "pdl_geglu_matmul": depth}
+    assert all(r % 64 == 0 for r in rows), rows  # the action tokens padded to 64 rows: no pad before each kernel
     monkeypatch.undo()
     pallas = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), "pallas")
     upstream = model_cases["batch2_mixed/out/bf16/actions"]
     for want in (upstream, pallas):
         assert cosine(actions, want) >= BF16_MIN_COSINE
         assert rel_err(actions, want) <= BF16_MAX_REL
+
+
+def test_action_rows_are_padded_where_the_mosaic_matmuls_run():
+    assert fast_path.FastPathOptions(attention="pallas").action_rows == 0
+    assert fast_path.FastPathOptions(attention="pallas", expert_geglu="mosaic").action_rows == 64
+    assert fast_path.FastPathOptions(attention="pallas", expert_projections="mosaic").action_rows == 64
+    assert fast_path.FastPathOptions(attention="xla", expert_projections="mosaic").action_rows == 0  # XLA's GEMMs
+    assert fast_path.FastPathOptions(attention="pallas", expert_geglu="mosaic", pad_action_rows=0).action_rows == 0
 
 
 def test_prefetch_is_wired_only_where_it_can_run():

@@ -396,3 +396,30 @@ assert counts[0] == counts[1] == counts[2], counts
     root = pathlib.Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
+@pytest.mark.parametrize("shape,tokens,self_length", [(dict(REAL, slots=576), 64, 50), (TINY, 64, 50), (TINY, 20, 7)],
+                         ids=["real_64_rows_50_valid", "tiny_64_50", "tiny_20_7"])
+def test_padding_tokens_are_not_keys(packed, shape, tokens, self_length):
+    """With self_length, the tokens past it (the denoise loop's row padding) are not keys: the valid tokens' outputs
+    equal attention over the valid tokens alone (the padded tokens' own outputs are dropped by the caller)."""
+    qkv, kp, vp, (q, ks, vs) = make_packed(2, **shape, dtype=jnp.bfloat16, tokens=tokens, seed=11)
+    lengths = jnp.asarray([shape["slots"] - 4, 33], jnp.int32)
+    if packed:
+        out = gqa_cross_attention_packed(qkv, kp, vp, lengths, self_length=self_length, interpret=True)
+        ref = gqa_cross_attention_packed_reference(qkv, kp, vp, lengths, self_length=self_length)
+    else:
+        out = gqa_cross_attention(q, kp, vp, lengths, ks, vs, self_length=self_length, interpret=True)
+        ref = gqa_cross_attention_reference(q, kp, vp, lengths, ks, vs, self_length=self_length)
+    np.testing.assert_allclose(as_f32(out), as_f32(ref), **TOL[jnp.bfloat16])
+    valid_only = gqa_cross_attention_reference(q[:, :self_length], kp, vp, lengths, ks[:, :self_length],
+                                               vs[:, :self_length])
+    np.testing.assert_allclose(as_f32(out[:, :self_length]), as_f32(valid_only), **TOL[jnp.bfloat16])
+
+
+def test_bad_self_length_is_rejected():
+    q, kp, vp, ks, vs = make_inputs(1, **TINY, dtype=jnp.float32, tokens=8)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="self_length"):
+            gqa_cross_attention(q, kp, vp, jnp.asarray([5]), ks, vs, self_length=bad, interpret=True)
