@@ -1,0 +1,83 @@
+"""Each fast path's whole one-jit sample at the full pi0.5 size lowers for a Hopper GPU, checked on the CPU.
+
+The params are shapes only (jax.eval_shape through the implementation's own prepare: unstacking, packing, the
+adaRMS table), the observation is bench's (2 views + 60 prompt tokens), 10 steps. The kernels are lowered as the GPU
+runs them (not interpret mode): Triton kernels to Triton IR for sm_90, Mosaic GPU kernels through Mosaic's lowering
+(layout inference and the shared-memory check included). This catches, before any device time is spent, a kernel
+that cannot be expressed at the shapes the sampler really hands it (e.g. the 64-row padded action tokens). The PTX
+compile and the run need the card (`pytest -m gpu`, scripts/gpu_pdl.sh).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels
+from checkpoints.layout import param_shapes
+from pi05_jax import fast_path, sampler  # noqa: F401  (registers the fast paths)
+from pi05_jax.config import preset
+from pi05_jax.synthetic import synthetic_noise, synthetic_observation
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+# implementation -> kernels its lowered sample must hold (pallas_call names)
+EXPECTED = {
+    "pallas": ("ragged_prefill_attention", "gqa_cross_attention_packed", "geglu_matmul"),
+    "pallas-pdl": ("ragged_prefill_attention", "gqa_cross_attention_packed", "pdl_matmul", "pdl_geglu_matmul",
+                   "griddepcontrol.wait"),
+    "fused": ("ragged_prefill_attention", "ada_norm_matmul"),
+    "compact": (),
+}
+
+
+@pytest.fixture
+def lowered_as_on_hopper(monkeypatch):
+    """Triton's registration sees an sm_90 GPU (only its capability query is replaced; Mosaic GPU assumes sm_90
+    without a GPU), and every kernel compiles instead of running in interpret mode (the CPU default)."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info",
+                        lambda: types.SimpleNamespace(compute_capability=90))
+    for info in pkgutil.iter_modules(pallas_kernels.__path__):
+        module = importlib.import_module(f"pallas_kernels.{info.name}")
+        if hasattr(module, "resolve_interpret"):
+            monkeypatch.setattr(module, "resolve_interpret", bool)  # None -> False: the compiled kernel
+
+
+def _param_shapes(config):
+    tree = {}
+    for path, shape in param_shapes(config).items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    return tree
+
+
+@pytest.mark.parametrize("kernels", list(EXPECTED))
+def test_full_size_sample_lowers_for_hopper(lowered_as_on_hopper, kernels):
+    config = preset("full")
+    obs = synthetic_observation(config, views=2, prompt_len=60)
+    noise = jnp.asarray(synthetic_noise(config))
+    impl = sampler.IMPLEMENTATIONS[kernels]
+    plans = []
+
+    def prepare(params):
+        prepared, plan = impl.prepare(params, obs, 10)
+        plans.append(plan)
+        return prepared
+
+    prepared = jax.eval_shape(prepare, _param_shapes(config))
+    sample = impl.specialize(plans[0]).sample
+    text = jax.jit(sample, static_argnums=3).trace(prepared, obs, noise, 10).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "callback" not in text, "a kernel lowered in interpret mode"
+    for name in EXPECTED[kernels]:
+        assert name in text, f"{kernels}: no {name} in the lowered sample"
