@@ -5,8 +5,9 @@
 #   check:    the PDL kernels compiled on the card against their references (pytest -m gpu), then the
 #             micro-benchmark: XLA vs Triton vs Mosaic with and without PDL, per op and gate/up -> down back to back
 #   sampler:  the sampler's variants interleaved (scripts/gpu_interleaved.py --set pdl)
-#   profile:  pallas vs the Mosaic PDL variant, per-kernel profile without CUDA graphs (overlap shows as kernels
-#             whose spans overlap: the profile's per-kernel sums may then exceed the wall time)
+#   profile:  pallas vs the Mosaic PDL variant, per-kernel profile without CUDA graphs; its "stream timeline" line
+#             shows the overlap directly (kernel time that ran while the kernel before was still running, and how
+#             many kernels launched early), next to the busy and idle time per call
 #   bench:    pi05 bench of reference, pallas and pallas-pdl (the issues' figure), then pallas and pallas-pdl with
 #             XLA's own PDL switched off (XLA_FLAGS --xla_gpu_enable_pdl=false): what PDL between XLA's fusions buys
 #   verify:   every gpu-marked test with today's defaults, then the 1000-call soak in the deployed layout (packed

@@ -132,6 +132,36 @@ def test_device_trace_summary(tmp_path):
     # launches per call: 2 calls traced; prefill launched 2 kernels in all, the others 1
     assert {ph: v["launches_per_call"] for ph, v in s["phases"].items()} == {
         "prefill": 1.0, "vision": 0.5, "denoise": 0.5, "unattributed": 0.5}
+    # back to back with 10 us between kernels: no overlap; per call (2 traced) 100 / 2 busy, 40 / 2 idle
+    assert s["timeline"] == {"busy_us": 50.0, "overlap_us": 0.0, "early_launches": 0.0, "gap_us": 20.0}
+
+
+def test_stream_timeline_counts_overlap_from_early_launches():
+    """A kernel that starts before the one before it ends (Programmatic Dependent Launch) is overlap, not more busy
+    time; an idle stretch over CALL_BREAK_US is the host between calls, not a gap inside one."""
+    events = [
+        _x(7, 1, 0, 30, "a"),
+        _x(7, 1, 20, 30, "b"),  # starts 10 us before a ends: 10 us overlap, busy to 50
+        _x(7, 1, 45, 5, "c"),  # inside b: 5 us overlap, no new busy time
+        _x(7, 1, 60, 10, "d"),  # 10 us idle after b
+        _x(7, 1, 60 + 10 + trace.CALL_BREAK_US + 1, 10, "e"),  # the next call: not a gap
+        _x(7, 3, 0, 10, "f"),  # another stream: its own timeline
+    ]
+    t = trace.stream_timeline(events, calls=1)
+    assert t == {"busy_us": 50 + 10 + 10 + 10, "overlap_us": 15.0, "early_launches": 2.0, "gap_us": 10.0}
+    assert t["busy_us"] + t["overlap_us"] == sum(e["dur"] for e in events)
+
+
+def test_timeline_is_printed():
+    from pi05_jax.commands.profile import text
+
+    summary = {"name": "pallas", "note": "device kernels", "calls": 1, "wall_s_per_call": 0.02,
+               "total_us_per_call": 15e3, "distinct_kernels": 3, "attributed_share": 1.0, "mode": "device",
+               "trace": "t", "top": [],
+               "phases": {"denoise": {"time_us": 9.0, "share": 1.0, "launches_per_call": 10.0}},
+               "timeline": {"busy_us": 14e3, "overlap_us": 1e3, "early_launches": 120.0, "gap_us": 500.0}}
+    assert ("stream timeline per call: busy 14 ms (the kernels' spans), 1 ms overlapped by a next kernel (120 "
+            "launched before the one before them ended: PDL), 0.5 ms idle between kernels") in text(summary)
 
 
 def test_launch_counts_are_printed_per_phase_and_per_euler_step():

@@ -203,6 +203,41 @@ def _event_phase(e: dict, phase_map: dict) -> str:
     return phase_of(e.get("name", "")) or UNATTRIBUTED
 
 
+# Idle stretches between kernels longer than this are taken as the host's time between traced calls, not a gap
+# inside one call.
+CALL_BREAK_US = 1000.0
+
+
+def stream_timeline(kernels: list[dict], calls: int) -> dict:
+    """Per call, over each stream's kernels in start order: `busy_us` (the union of their spans), `overlap_us` (the
+    kernel time that ran while an earlier kernel of the stream was still running: sum of durations minus busy; with
+    Programmatic Dependent Launch a kernel may start before the one before it ends), `early_launches` (kernels that
+    started before every earlier one had ended) and `gap_us` (idle time between kernels, stretches over
+    CALL_BREAK_US excluded)."""
+    busy = overlap = gaps = 0.0
+    early = 0
+    streams: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for e in kernels:
+        streams[(e["pid"], e.get("tid"))].append(e)
+    for events in streams.values():
+        events.sort(key=lambda e: float(e["ts"]))
+        end = None
+        for e in events:
+            start, dur = float(e["ts"]), float(e.get("dur", 0))
+            if end is None or start >= end:
+                if end is not None and start - end <= CALL_BREAK_US:
+                    gaps += start - end
+                busy += dur
+                end = start + dur
+            else:
+                early += 1
+                overlap += min(end, start + dur) - start
+                busy += max(0.0, start + dur - end)
+                end = max(end, start + dur)
+    return {"busy_us": busy / calls, "overlap_us": overlap / calls, "early_launches": early / calls,
+            "gap_us": gaps / calls}
+
+
 def summarize(path: pathlib.Path, *, hlo: HloInfo, modules: set[str], calls: int, top: int) -> dict:
     phase_map = hlo.phase
     events, procs, threads = load_events(path)
@@ -249,4 +284,6 @@ def summarize(path: pathlib.Path, *, hlo: HloInfo, modules: set[str], calls: int
         "attributed_share": 1.0 - (by_phase.get(UNATTRIBUTED, 0.0) / total_us if total_us else 0.0),
         "top": ranked[:top],
         "distinct_kernels": len(ranked),
+        # device mode: the stream timeline per call (busy, overlapped, idle; stream_timeline)
+        "timeline": stream_timeline(kernels, calls) if mode == "device" else None,
     }

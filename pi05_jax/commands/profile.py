@@ -90,6 +90,12 @@ def text(summary: dict, steps: int | None = None) -> str:
              "  by phase: " + ", ".join(f"{ph} {v['share'] * 100:.1f}%" for ph, v in
                                         sorted(summary["phases"].items(), key=lambda kv: -kv[1]["time_us"])),
              launches_line(summary, steps)]
+    timeline = summary.get("timeline")
+    if timeline:
+        lines.append(f"  stream timeline per call: busy {timeline['busy_us'] / 1e3:.3g} ms (the kernels' spans), "
+                     f"{timeline['overlap_us'] / 1e3:.3g} ms overlapped by a next kernel "
+                     f"({timeline['early_launches']:.0f} launched before the one before them ended: PDL), "
+                     f"{timeline['gap_us'] / 1e3:.3g} ms idle between kernels")
     rows = [(f"{k['share'] * 100:5.1f}%", f"{k['time_us_per_call'] / 1e3:.3g}", str(k["count"]), k["phase"],
              k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "...") for k in summary["top"]]
     header = ("share", "ms/call", "count", "phase", "kernel" if summary["mode"] == "device" else "XLA op")
