@@ -255,6 +255,17 @@ def pdl_geglu_matmul_reference(x: jax.Array, w: jax.Array) -> jax.Array:
     return (_gelu_tanh(gate) * up).astype(x.dtype)
 
 
+def runs_here() -> bool:
+    """Whether these kernels run on this process's default backend: a Hopper GPU (sm_90: wgmma, TMA and
+    griddepcontrol as written here; Blackwell, e.g. Jetson Thor, has other MMA instructions), or the CPU, where they
+    run in interpret mode. Callers pick another kernel elsewhere."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return True
+    capability = getattr(jax.devices(backend)[0], "compute_capability", None)
+    return backend == "gpu" and capability is not None and str(capability).split(".")[0] == "9"
+
+
 # x tiles in flight by default: all of a projection's K steps up to 4; 2 for the GeGLU, whose 128 KiB weight slab
 # leaves room beside it for one program of the down projection that follows it (pi05_jax.expert_kernels).
 DEFAULT_X_IN_FLIGHT = {1: 4, 2: 2}

@@ -93,10 +93,11 @@ def _skinny(x, w_t, split: tuple[int, int], *, reduce: bool = True):
 
 
 def _pdl_ready(x, w) -> bool:
-    """Whether the wgmma kernels can take these operands: bfloat16 activations and a stored bfloat16 weight array.
-    Stored, not converted here: a PDL kernel reads its weight before waiting for the kernels before it, which is
-    safe only for buffers nothing in the executable writes (its parameters), not for a cast made inside the jit."""
-    return x.dtype == jnp.bfloat16 and getattr(w, "dtype", None) == jnp.bfloat16
+    """Whether the wgmma kernels can take these operands here: bfloat16 activations and a stored bfloat16 weight
+    array, on a backend they run on (pdl_matmul.runs_here: Hopper, or the CPU in interpret mode). Stored, not
+    converted here: a PDL kernel reads its weight before waiting for the kernels before it, which is safe only for
+    buffers nothing in the executable writes (its parameters), not for a cast made inside the jit."""
+    return (x.dtype == jnp.bfloat16 and getattr(w, "dtype", None) == jnp.bfloat16 and pdl_matmul.runs_here())
 
 
 def _pdl_project(x, w_t, split: tuple[int, int], lead: tuple[int, ...], *, pdl: bool, reduce: bool = True):

@@ -379,8 +379,8 @@ FUSED = make_implementation(
 PALLAS_PDL = make_implementation(
     "pallas-pdl", FastPathOptions(attention="pallas", expert_projections="mosaic", expert_geglu="mosaic"),
     "experimental: as 'pallas', with the expert's GEMMs as Mosaic GPU kernels that load their weights before waiting "
-    "for their input (Programmatic Dependent Launch, pallas_kernels.pdl_matmul; bfloat16, Triton's kernels in "
-    "float32); not yet measured on a card")
+    "for their input (Programmatic Dependent Launch, pallas_kernels.pdl_matmul; bfloat16 on Hopper, Triton's "
+    "kernels in float32 and on other GPUs); not yet measured on a card")
 sampler.register(COMPACT)
 sampler.register(PALLAS)
 sampler.register(FUSED)

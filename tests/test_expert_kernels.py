@@ -66,3 +66,26 @@ def test_projections_fall_back_to_triton_in_float32(pdl_calls):
                                              jnp.bfloat16)}}, mosaic=True)
     assert pdl_calls == ["pdl_matmul"]
     np.testing.assert_allclose(np.asarray(y16[0], np.float32), np.asarray(want), **TOL[jnp.bfloat16])
+
+
+@pytest.mark.parametrize("backend,capability,runs", [("cpu", None, True), ("gpu", "9.0", True),
+                                                      ("gpu", "11.0", False), ("gpu", "8.9", False)],
+                         ids=["cpu_interpret", "hopper", "blackwell_thor", "ada"])
+def test_pdl_kernels_run_on_hopper_or_the_cpu(monkeypatch, backend, capability, runs):
+    import types
+
+    import jax
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "devices", lambda *a: [types.SimpleNamespace(compute_capability=capability)])
+    assert pdl_matmul.runs_here() is runs
+
+
+def test_elsewhere_the_triton_kernels_run(pdl_calls, monkeypatch):
+    monkeypatch.setattr(pdl_matmul, "runs_here", lambda: False)
+    h, mlp = _layer(jnp.bfloat16)
+    y = expert_kernels.pallas_expert_mlp(h, mlp, mosaic_geglu=True, mosaic_down=True)
+    assert pdl_calls == []
+    hidden = geglu_matmul_reference(h[0], mlp["gating_einsum_t"])
+    want = jnp.einsum("TF,DF->TD", hidden.astype(jnp.float32), mlp["linear_t"].astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(y[0], np.float32), np.asarray(want), **TOL[jnp.bfloat16])
