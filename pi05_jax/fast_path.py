@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax.numpy as jnp
 
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 # lazily while the first pallas_call is traced, that flag changes the tracing context after the sampler's first
 # compile, so the second call of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
-from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
+from pallas_kernels import gqa_cross_attention, pdl_matmul, ragged_prefill_attention
 from pallas_kernels.residual_norm import ResidualNormBlockSizes
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes
 from pi05_jax import compact_prefix, denoise_fast, denoise_fused, gemma, layer_stack, sampler, siglip, weight_packing
@@ -318,6 +319,24 @@ def denoise(params, prefix, noise, num_steps, *, options: FastPathOptions):
                                 expert_matmuls=expert_matmuls(options), pad_action_rows=options.action_rows)
 
 
+@functools.cache
+def _warned(name: str, reason: str) -> bool:
+    warnings.warn(f"{name}: the Mosaic GPU PDL matmuls {reason}; the expert runs the Triton kernels instead",
+                  stacklevel=4)
+    return True
+
+
+def _warn_if_mosaic_cannot_run(name: str, options: FastPathOptions, params) -> None:
+    """Say once per implementation when options ask for the Mosaic GPU PDL kernels and none of them can run here
+    (they fall back quietly per matmul otherwise: expert_kernels._pdl_ready)."""
+    if not (options.mosaic_geglu or (options.mosaic_projections and options.pallas_projections)):
+        return
+    if not pdl_matmul.runs_here():
+        _warned(name, "need a Hopper GPU (sm_90) or the CPU (interpret mode)")
+    elif sampler.params_dtype(params) != jnp.bfloat16:
+        _warned(name, f"take bfloat16 only, the model is {sampler.params_dtype(params)}")
+
+
 def make_implementation(name: str, options: FastPathOptions, description: str = "") -> sampler.Implementation:
     """An Implementation running the fast path with these options (register it to select it by name)."""
 
@@ -327,6 +346,7 @@ def make_implementation(name: str, options: FastPathOptions, description: str = 
 
     def prepare(params, obs, num_steps):
         plan = compact_prefix.plan_for(params, obs, options.bucket_size)
+        _warn_if_mosaic_cannot_run(name, options, params)
         if options.unstack_layers:
             params = layer_stack.unstack_layers_cached(params)
             params = weight_packing.pack_weights_cached(params, options.pack_options())

@@ -274,6 +274,13 @@ def test_mosaic_pdl_expert_matches_upstream_bf16_and_pallas(tiny_bf16, model_cas
         assert rel_err(actions, want) <= BF16_MAX_REL
 
 
+def test_pdl_path_in_float32_says_it_runs_the_triton_kernels(tiny_fp32, model_cases):
+    ins, obs = _case(tiny_fp32, model_cases, "batch2_mixed")
+    fast_path._warned.cache_clear()  # said once per process: forget an earlier test's
+    with pytest.warns(UserWarning, match="bfloat16 only"):
+        sampler.IMPLEMENTATIONS["pallas-pdl"].prepare(tiny_fp32.params, obs, int(ins["num_steps"]))
+
+
 def test_action_rows_are_padded_where_the_mosaic_matmuls_run():
     assert fast_path.FastPathOptions(attention="pallas").action_rows == 0
     assert fast_path.FastPathOptions(attention="pallas", expert_geglu="mosaic").action_rows == 64
