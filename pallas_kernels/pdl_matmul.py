@@ -49,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._interpret import resolve_interpret
+from pallas_kernels.skinny_matmul import gelu_tanh
 
 _WGMMA_M = 64  # Hopper wgmma's M per warpgroup instruction
 # Shared memory one program may take (the H100/H200 allow 227 KiB per block): the weight slab, the x pipeline's
@@ -80,11 +81,6 @@ class PdlMatmulBlockSizes:
         if self.k_splits < 1 or self.max_concurrent_steps < 2:
             raise ValueError(f"need k_splits >= 1 and max_concurrent_steps >= 2, got {self.k_splits=}, "
                              f"{self.max_concurrent_steps=}")
-
-
-def _gelu_tanh(x):
-    """jax.nn.gelu(approximate=True) in float32, as pallas_kernels.skinny_matmul writes it."""
-    return x * (0.5 * (1.0 + jnp.tanh(jnp.float32(0.7978845608028654) * (x + 0.044715 * (x * x * x)))))
 
 
 def _swizzle_transforms(minor_elems: int, itemsize: int):
@@ -163,7 +159,7 @@ def _call(x, w, bs: PdlMatmulBlockSizes, *, geglu: bool, out_dtype, interpret: b
         accs = pl.run_scoped(accumulate, *(plgpu.ACC((_WGMMA_M, bn), jnp.float32) for _ in range(groups)))
         if geglu:
             gate, up = (a.astype(out_dtype).astype(jnp.float32) for a in accs)  # upstream rounds each product
-            y = _gelu_tanh(gate) * up
+            y = gelu_tanh(gate) * up
         else:
             (y,) = accs
         o_smem[...] = y.astype(part_dtype)
@@ -252,7 +248,7 @@ def pdl_geglu_matmul_reference(x: jax.Array, w: jax.Array) -> jax.Array:
     """`pdl_geglu_matmul` in plain JAX: float32 (HIGHEST) products rounded to x's dtype, the GeGLU in float32."""
     gate, up = (jnp.einsum("MK,FK->MF", x.astype(jnp.float32), w[i].astype(jnp.float32),
                            precision=lax.Precision.HIGHEST).astype(x.dtype).astype(jnp.float32) for i in (0, 1))
-    return (_gelu_tanh(gate) * up).astype(x.dtype)
+    return (gelu_tanh(gate) * up).astype(x.dtype)
 
 
 def runs_here() -> bool:

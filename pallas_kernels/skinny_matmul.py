@@ -62,8 +62,9 @@ class SkinnyBlockSizes:
             raise ValueError(f"need num_warps, num_stages >= 1; got {self.num_warps=}, {self.num_stages=}")
 
 
-def _gelu_tanh(x):
-    """jax.nn.gelu(approximate=True) in float32: x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))."""
+def gelu_tanh(x):
+    """jax.nn.gelu(approximate=True) in float32, x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))); the
+    Triton and the Mosaic GPU GeGLU kernels (pallas_kernels.pdl_matmul) share it."""
     return x * (0.5 * (1.0 + jnp.tanh(jnp.float32(0.7978845608028654) * (x + 0.044715 * (x * x * x)))))
 
 
@@ -96,7 +97,7 @@ def _geglu_kernel(x_ref, wg_ref, wu_ref, o_ref, *, m, bm, bk, k_steps, precision
                                            precision=precision)
     gate = gate.astype(dtype).astype(jnp.float32)  # upstream rounds each einsum's output to the model dtype
     up = up.astype(dtype).astype(jnp.float32)
-    plgpu_triton.store(o_ref.at[rows, :], (_gelu_tanh(gate) * up).astype(o_ref.dtype), mask=row_ok)
+    plgpu_triton.store(o_ref.at[rows, :], (gelu_tanh(gate) * up).astype(o_ref.dtype), mask=row_ok)
 
 
 def _check(x, w_t, name):
@@ -192,4 +193,4 @@ def geglu_matmul_reference(x: jax.Array, w_t: jax.Array) -> jax.Array:
     _check(x, w_t, "w_t")
     gate, up = (jnp.einsum("MK,FK->MF", x.astype(jnp.float32), w_t[i].astype(jnp.float32),
                            precision=lax.Precision.HIGHEST).astype(x.dtype).astype(jnp.float32) for i in (0, 1))
-    return (_gelu_tanh(gate) * up).astype(x.dtype)
+    return (gelu_tanh(gate) * up).astype(x.dtype)

@@ -38,8 +38,8 @@ sampler)
     | grep -v "^\[.*\] \(load\|build\|init\)" | tee "$out/interleaved_pdl.log"
   ;;
 profile)
-  timeout 400 python3 scripts/gpu_profile_variant.py mosaic --preset full --views 2 --prompt-len 60 --steps 10 \
-    --runs 3 --quiet --no-cuda-graphs --top 20 --trace-dir /tmp/traces --json "$out/profile_mosaic.json" \
+  timeout 400 python3 -m pi05_jax.cli profile --kernels pallas,pallas-pdl --preset full --views 2 --prompt-len 60 \
+    --steps 10 --runs 3 --quiet --no-cuda-graphs --top 20 --trace-dir /tmp/traces --json "$out/profile_mosaic.json" \
     > "$out/profile_mosaic.log" 2>&1; grep -v "^\[" "$out/profile_mosaic.log" | grep -v "trace:" | head -60
   ;;
 bench)

@@ -19,7 +19,6 @@ from pi05_jax.cli import main
 
 VARIANTS = {
     "prefetch": fast_path.FastPathOptions(attention="pallas", cross_attention_prefetch=True),
-    "mosaic": fast_path.FastPathOptions(attention="pallas", expert_projections="mosaic", expert_geglu="mosaic"),
     "mosaic-no-pdl": fast_path.FastPathOptions(attention="pallas", expert_projections="mosaic", expert_geglu="mosaic",
                                                expert_pdl=False),
 }

@@ -103,3 +103,16 @@ def assert_split_partials(got, want, x, w_t, splits: int, tol: dict):
     np.testing.assert_allclose(as_f32(got), as_f32(want), **tol)
     full = jnp.einsum("MK,NK->MN", x.astype(jnp.float32), w_t.astype(jnp.float32), precision="highest")
     np.testing.assert_allclose(as_f32(got.sum(0)), as_f32(full), rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """Make the Pallas Triton registration see an sm_90 GPU (only the capability query is replaced), so kernels
+    lower for CUDA on a machine without one (tests/test_triton_lowering.py, tests/test_full_size_lowering.py)."""
+    import types
+
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    assert hasattr(registration, "gpu_info_lib"), "jax's Pallas Triton registration changed: update this fixture"
+    monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info",
+                        lambda: types.SimpleNamespace(compute_capability=90))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import types
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +36,9 @@ EXPECTED = {
 
 
 @pytest.fixture
-def lowered_as_on_hopper(monkeypatch):
-    """Triton's registration sees an sm_90 GPU (only its capability query is replaced; Mosaic GPU assumes sm_90
-    without a GPU), and every kernel compiles instead of running in interpret mode (the CPU default)."""
-    from jax._src.pallas.triton import pallas_call_registration as registration
-
-    monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info",
-                        lambda: types.SimpleNamespace(compute_capability=90))
+def lowered_as_on_hopper(hopper, monkeypatch):
+    """Triton's registration sees an sm_90 GPU (conftest's `hopper`; Mosaic GPU assumes sm_90 without a GPU), and
+    every kernel compiles instead of running in interpret mode (the CPU default)."""
     for info in pkgutil.iter_modules(pallas_kernels.__path__):
         module = importlib.import_module(f"pallas_kernels.{info.name}")
         if hasattr(module, "resolve_interpret"):

@@ -9,8 +9,6 @@ without a GPU the test supplies Hopper's (9.0) by replacing that one query (`jax
 
 from __future__ import annotations
 
-import types
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -79,16 +77,6 @@ CASES = {
         lambda x, xs, w, ws: fp8_matmul(x, xs, w, ws, backend="triton", interpret=False),
         (S((576, 2048), jnp.float8_e4m3fn), S((576,), F32), S((16384, 2048), jnp.float8_e4m3fn), S((16384,), F32))),
 }
-
-
-@pytest.fixture
-def hopper(monkeypatch):
-    """Make the Pallas Triton registration see an sm_90 GPU (only the capability query is replaced)."""
-    from jax._src.pallas.triton import pallas_call_registration as registration
-
-    assert hasattr(registration, "gpu_info_lib"), "jax's Pallas Triton registration changed: update this fixture"
-    monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info",
-                        lambda: types.SimpleNamespace(compute_capability=90))
 
 
 @pytest.mark.parametrize("name", list(CASES))
