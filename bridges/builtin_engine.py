@@ -1,7 +1,7 @@
 """The builtin vision engine file: SigLIP's float32 weights in the flat layout `bridges/csrc` reads.
 
 It is the engine the XLA custom call runs where TensorRT cannot be installed (the CPU in CI, the H100 here): the
-same handler and engine interface as a TensorRT plan, computing the same tower as `pi05_jax.siglip` in float32.
+same handler and engine interface as a TensorRT plan, computing the same tower as `pi05_jax.model.siglip` in float32.
 
 Layout (little-endian):
   8 bytes   magic b"PI05VIS1"

@@ -1,7 +1,7 @@
-"""Export our SigLIP vision tower (pi05_jax.siglip semantics) to ONNX, the format TensorRT's parser reads.
+"""Export our SigLIP vision tower (pi05_jax.model.siglip semantics) to ONNX, the format TensorRT's parser reads.
 
 The graph is built node by node with `onnx.helper` from `params["PaliGemma"]["img"]` (openpi's key names); no torch.
-It computes exactly what `pi05_jax.siglip.encode_images` computes, op for op:
+It computes exactly what `pi05_jax.model.siglip.encode_images` computes, op for op:
   patch embedding (conv patch x patch / stride patch as a matmul over flattened patches, float32) + learned pos-emb,
   `depth` pre-LN blocks (flax LayerNorm: float32 statistics with the fast variance E[x^2] - E[x]^2 clamped at 0;
   multi-head attention with biases, q / sqrt(H), softmax over keys; tanh-GELU MLP), the encoder norm, and the head
@@ -44,7 +44,7 @@ __all__ = ["GRAPH_DTYPES", "INPUT_NAME", "OUTPUT_NAME", "ExportError", "VisionGr
            "export_siglip", "save_onnx", "spec_from_params", "spec_of_model"]
 
 OPSETS = {"fp32": 17, "fp16": 17, "fp8": 19}  # float8 QuantizeLinear/DequantizeLinear need opset 19
-LN_EPS = 1e-6  # pi05_jax.siglip.LN_EPS (flax LayerNorm's epsilon as big_vision sets it)
+LN_EPS = 1e-6  # pi05_jax.model.siglip.LN_EPS (flax LayerNorm's epsilon as big_vision sets it)
 GELU_C = math.sqrt(2.0 / math.pi)
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}

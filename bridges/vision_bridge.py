@@ -6,8 +6,8 @@ custom call "pi05_vision_engine" (bridges/csrc/ffi_handlers.cc): XLA instantiate
 host copies, no synchronization, and the call may be captured in XLA's command buffer (CUDA graph).
 
 Sampler plumbing: `--vision xla` (default) keeps the plain-JAX tower; `--vision tensorrt|builtin --vision-engine
-FILE` registers an `Implementation` whose vision phase is the engine and whose prefill/denoise are those of
-`--kernels`, so `infer`, `serve` and `bench` run it through the same one jitted `sample_actions`.
+FILE` makes (`bridged`) an `Implementation` whose vision phase is the engine and whose prefill/denoise are those
+of `--kernels`, so `infer`, `serve` and `bench` run it through the same one jitted `sample_actions`.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class EngineSet:
 def reference_layout_vision(engines: EngineSet):
     """The reference implementation's vision phase on an engine: every view slot (masked or not, as upstream),
     view-major, so the engine takes batch x slots images -> {view: tokens [B, P, O]}."""
-    from pi05_jax.sampler import params_dtype
+    from pi05_jax.model.reference import params_dtype
 
     def vision(params, obs):
         views, b = list(obs.images), obs.batch_size
@@ -154,48 +154,41 @@ def reference_layout_vision(engines: EngineSet):
 
 
 def compact_layout_vision(engines: EngineSet, num_views: int | None):
-    """The fast paths' vision phase (pi05_jax.compact_prefix.encode_valid_views, with the engine as its tower):
+    """The fast paths' vision phase (pi05_jax.fast.prefix.encode_valid_views, with the engine as its tower):
     each row's valid views gathered to the front, `num_views` per row, so the engine takes batch x num_views
     images."""
-    from pi05_jax import compact_prefix
-    from pi05_jax.sampler import params_dtype
+    from pi05_jax.fast import prefix
+    from pi05_jax.model.reference import params_dtype
 
     def vision(params, obs):
-        return compact_prefix.encode_valid_views(params, obs, num_views or len(obs.images), params_dtype(params),
-                                                 encode=engines.encode)
+        return prefix.encode_valid_views(obs, num_views or len(obs.images), params_dtype(params),
+                                         encode=engines.encode)
 
     return vision
 
 
-def register_bridged(kernels: str, engines: EngineSet | VisionEngine) -> str:
-    """Register `kernels` with its vision phase run by the engine(s); returns the new implementation's name.
+def bridged(base, engines: EngineSet | VisionEngine):
+    """`base` (a pi05_jax.implementations.Implementation) with its vision phase run by the engine(s).
     Reference-layout implementations get every view slot encoded; the fast paths (those with a host-side plan,
     `specialize`) get their valid-views layout, with the plan's view count choosing the engine."""
-    from pi05_jax import sampler
-
     if isinstance(engines, VisionEngine):
         engines = EngineSet((engines,))
-    if kernels not in sampler.IMPLEMENTATIONS:
-        raise ValueError(f"unknown kernels {kernels!r}; available: {sorted(sampler.IMPLEMENTATIONS)}")
-    base = sampler.IMPLEMENTATIONS[kernels]
     paths = ",".join(str(e.path) for e in engines.engines)
     digest = hashlib.sha1(paths.encode()).hexdigest()[:8]
     kind = engines.engines[0].manifest.kind
-    name = f"{kernels}+vision:{kind}:{digest}"
+    name = f"{base.name}+vision:{kind}:{digest}"
     description = f"{base.description}; vision: {kind} engine(s) {paths}"
     if base.specialize is None:
-        impl = dataclasses.replace(base, name=name, vision=reference_layout_vision(engines), description=description)
-    else:
-        @functools.cache
-        def specialize(plan):
-            inner = base.specialize(plan)
-            return dataclasses.replace(inner, name=f"{name}[{inner.name}]",
-                                       vision=compact_layout_vision(engines, plan.num_views))
+        return dataclasses.replace(base, name=name, vision=reference_layout_vision(engines), description=description)
 
-        impl = dataclasses.replace(base, name=name, vision=compact_layout_vision(engines, None),
-                                   specialize=specialize, description=description)
-    sampler.register(impl)
-    return name
+    @functools.cache
+    def specialize(plan):
+        inner = base.specialize(plan)
+        return dataclasses.replace(inner, name=f"{name}[{inner.name}]",
+                                   vision=compact_layout_vision(engines, plan.num_views))
+
+    return dataclasses.replace(base, name=name, vision=compact_layout_vision(engines, None), specialize=specialize,
+                               description=description)
 
 
 def add_vision_args(parser) -> None:
@@ -232,9 +225,9 @@ def check_vision_args(args) -> None:
 
 
 def apply_vision_args(args, model) -> str:
-    """Point `model.kernels` at the bridged implementation the arguments ask for; returns its name."""
+    """Point `model.implementation` at the bridged implementation the arguments ask for; returns its name."""
     engines = open_engines(getattr(args, "vision", "xla"), getattr(args, "vision_engine", None),
                            out_width=model.config.llm.width, model_dtype=jnp.dtype(model.dtype).name)
     if engines is not None:
-        model.kernels = register_bridged(model.kernels, engines)
+        model.implementation = bridged(model.implementation, engines)
     return model.kernels

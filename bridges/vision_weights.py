@@ -25,7 +25,7 @@ def load_vision_params(checkpoint_dir: str | pathlib.Path) -> tuple[Pi05Config, 
     import jax
     import orbax.checkpoint as ocp
 
-    from checkpoints import openpi_io, quantized_io
+    from checkpoints import manifest, openpi_io, orbax_store, quantized_io
 
     path = openpi_io.params_dir(checkpoint_dir)
     quantized = quantized_io.is_quantized(checkpoint_dir)
@@ -35,7 +35,7 @@ def load_vision_params(checkpoint_dir: str | pathlib.Path) -> tuple[Pi05Config, 
                    if k.startswith(IMG_PREFIX)}
     else:
         config, weights = openpi_io.read_config(checkpoint_dir), {}
-    tree = openpi_io._metadata_tree(path)  # same reader as the full loader, so errors read the same
+    tree = orbax_store.metadata_tree(path)  # same reader as the full loader, so errors read the same
     flat = flatten(tree["params"])
     wanted = {k: v for k, v in flat.items() if k.startswith(IMG_PREFIX)}
     if not wanted:
@@ -51,7 +51,7 @@ def load_vision_params(checkpoint_dir: str | pathlib.Path) -> tuple[Pi05Config, 
         raise CheckpointError(f"{str(path)!r}: restoring the vision weights failed "
                               f"({type(e).__name__}: {str(e)[:300]})") from e
     flat = {key.removesuffix("/value"): leaf for key, leaf in flatten(restored["params"]).items()}
-    plain, grouped = quantized_io._split(flat, {"weights": weights}, str(path))
+    plain, grouped = manifest.split_quantized(flat, weights, str(path))
     out = {key[len(IMG_PREFIX):]: np.asarray(leaf, dtype=np.float32) for key, leaf in plain.items()}
     for key, entry in weights.items():
         out[key[len(IMG_PREFIX):]] = _dequantized(key, entry, grouped[key], where=str(path))

@@ -17,8 +17,9 @@ Checkpoint written (openpi's layout; every quantized key becomes a small subtree
                                              <key>/fp8_act_scale (float32 [L], only with --calibration)
                                   FP4 key -> <key>/fp4_packed, <key>/fp4_block_scales, <key>/fp4_tensor_scale
     <out>/assets/                 copied from the source (norm stats)
+    <out>/tokenizer.model         copied from the source when it has one (the demo checkpoint does)
     <out>/pi05_quantization.json  manifest: format, version, and per quantized key its format, arrays, logical
-                                  shape and contracted axes (see `checkpoints.quantized_io`)
+                                  shape and contracted axes (see `checkpoints.manifest`)
 Orbax 0.12 stores float8_e4m3fn natively (checked); the loader also accepts the values as their uint8 bytes.
 
 Calibration (static activation scales): `calibrate` runs the float model (plain-JAX reference) on model-level cases
@@ -41,18 +42,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints.errors import CheckpointError
+from checkpoints import openpi_io
 from checkpoints.layout import flatten, unflatten
-from pi05_jax.quantized import QuantizationError
+from checkpoints.manifest import FORMAT_VERSION, FORMATS, MANIFEST, is_quantized, manifest_path, write_manifest
+from checkpoints.orbax_store import params_dir, read_metadata
+from pi05_jax import sampler
+from pi05_jax.observation import check_noise, observation_from_arrays
+from pi05_jax.policy.prompt_tokenizer import CHECKPOINT_TOKENIZER
+from pi05_jax.quantized import QuantizationError, fp4_weight
 from pi05_jax.quantized.fp8_weight import E4M3_MAX, Fp8Weight
 
-MANIFEST = "pi05_quantization.json"
-FORMAT_VERSION = 1
-FORMATS = ("fp8", "fp4")
 PARTS = ("siglip", "prefix", "expert")
 FP4_SCOPES = ("expert", "expert+prefill")
-FP8_ARRAYS = ("fp8_values", "fp8_scales", "fp8_act_scale")
-FP4_ARRAYS = ("fp4_packed", "fp4_block_scales", "fp4_tensor_scale")
 
 _MHA = "PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0"
 _MLP = "PaliGemma/img/Transformer/encoderblock/MlpBlock_0"
@@ -154,7 +155,7 @@ def quantize_params(params: dict, plan: Plan = Plan(), *, act_amax: dict[str, np
     for i, (key, (fmt, contract)) in enumerate(targets.items()):
         say(f"quantizing [{i + 1}/{len(targets)}] {key} {tuple(flat[key].shape)} -> {fmt}")
         if fmt == "nvfp4":
-            out[key] = _fp4_module().quantize_weight(np.asarray(flat[key]), stacked=True, where=key)
+            out[key] = fp4_weight.quantize_weight(np.asarray(flat[key]), stacked=True, where=key)
             continue
         act_scale = None
         if act_amax is not None:
@@ -163,15 +164,6 @@ def quantize_params(params: dict, plan: Plan = Plan(), *, act_amax: dict[str, np
             act_scale = np.asarray(act_amax[key], np.float32) / np.float32(E4M3_MAX)
         out[key] = Fp8Weight.quantize(flat[key], contract, lead=1, name=key, act_scale=act_scale)
     return unflatten(out)
-
-
-def _fp4_module():
-    """The FP4 weight module (pi05_jax/quantized/fp4_weight.py, `quantize_weight` / `Fp4Weight`)."""
-    try:
-        from pi05_jax.quantized import fp4_weight
-    except ImportError as e:
-        raise QuantizationError(f"--format fp4 needs pi05_jax/quantized/fp4_weight.py ({e})") from e
-    return fp4_weight
 
 
 # --- calibration -------------------------------------------------------------------------------------------------
@@ -210,8 +202,6 @@ def calibrate(params: dict, cases: list[dict], plan: Plan = Plan(), *,
               progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """{key: float32 [L] max |activation|} over `cases`, each {"obs": Observation, "noise": [B,T,A],
     "num_steps": int}, run through the float reference sampler."""
-    from pi05_jax import sampler
-
     say = progress or (lambda _m: None)
     flat = flatten(params)
     fp8_keys = [k for k, (fmt, _) in plan.targets().items() if fmt == "fp8_e4m3"]
@@ -237,8 +227,6 @@ def calibrate(params: dict, cases: list[dict], plan: Plan = Plan(), *,
 
 def load_calibration_cases(path: str | pathlib.Path, config) -> list[dict]:
     """Model-level cases (`<case>/in/...`, as model_cases.npz / `pi05 infer --inputs`) for `calibrate`."""
-    from pi05_jax.observation import check_noise, observation_from_arrays
-
     file = pathlib.Path(path)
     if not file.is_file():
         raise QuantizationError(f"calibration file {str(file)!r} does not exist")
@@ -289,22 +277,19 @@ def quantize_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, *, pla
                         progress: Callable[[str], None] | None = None) -> dict:
     """Read an openpi checkpoint, quantize it by `plan`, write it to `dst` (layout in the module docstring).
     Returns the manifest."""
-    from checkpoints import openpi_io
-
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     src_root = pathlib.Path(src).expanduser().resolve()
     dst_root = pathlib.Path(dst).expanduser().resolve()
-    if (src_root / MANIFEST).exists():
-        fmt = json.loads((src_root / MANIFEST).read_text()).get("format", "?")
+    if is_quantized(src_root):
+        fmt = json.loads(manifest_path(src_root).read_text()).get("format", "?")
         raise QuantizationError(f"{str(src_root)!r} is already quantized (format {fmt!r}, {MANIFEST}); "
                                 f"quantize the original float checkpoint")
     if dst_root == src_root or src_root in dst_root.parents:
         raise QuantizationError(f"--output {str(dst_root)!r} must not be the source checkpoint or inside it")
     if dst_root.exists() and any(dst_root.iterdir()) and not overwrite:
         raise QuantizationError(f"--output {str(dst_root)!r} exists and is not empty (use --overwrite)")
-    path = openpi_io.params_dir(src_root)
-    stored_dtypes = _stored_dtypes(openpi_io, path)
+    stored_dtypes = read_metadata(params_dir(src_root)).dtypes()
     for key, dtype in stored_dtypes.items():
         if dtype in ("float8_e4m3fn", "float8_e5m2", "uint8"):
             raise QuantizationError(f"key {key!r} is stored as {dtype}: the checkpoint is already quantized")
@@ -344,22 +329,12 @@ def quantize_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, *, pla
     openpi_io.save_params(tmp, unflatten(flat_out))
     if (src_root / "assets").is_dir():
         shutil.copytree(src_root / "assets", tmp / "assets")
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if (src_root / CHECKPOINT_TOKENIZER).is_file():
+        shutil.copy2(src_root / CHECKPOINT_TOKENIZER, tmp / CHECKPOINT_TOKENIZER)
+    write_manifest(tmp, manifest)
     if dst_root.exists():
         shutil.rmtree(dst_root)
     tmp.rename(dst_root)
     say(f"wrote {dst_root} ({len(entries)} quantized weights, {plan.fmt}) in {time.perf_counter() - t0:.1f} s")
     return manifest
 
-
-def _stored_dtypes(openpi_io, path: pathlib.Path) -> dict[str, str]:
-    """{key: dtype name} of the checkpoint's arrays, from orbax metadata (no weights read)."""
-    tree = openpi_io._metadata_tree(path)
-    flat, _ = openpi_io._strip_value_suffix(flatten(tree["params"]))
-    out = {}
-    for k, v in flat.items():
-        dtype = getattr(v, "dtype", None)
-        if dtype is None:
-            raise CheckpointError(f"{str(path)!r}: key {k!r} has no dtype in the orbax metadata")
-        out[k] = jnp.dtype(dtype).name
-    return out

@@ -10,7 +10,9 @@ import pathlib
 
 import numpy as np
 
+from checkpoints.demo_tokenizer import write_demo_tokenizer
 from checkpoints.layout import param_shapes, unflatten
+from checkpoints.openpi_io import save_params
 from pi05_jax.config import Pi05Config
 
 
@@ -28,7 +30,8 @@ def _fan_in(path: str, shape: tuple[int, ...]) -> int:
     return shape[-2]  # Dense kernels [.., in, out]
 
 
-def _scale(path: str, shape: tuple[int, ...]) -> float:
+def init_scale(path: str, shape: tuple[int, ...]) -> float:
+    """The standard deviation `random_params` draws the parameter at `path` (openpi's key) with."""
     last = path.split("/")[-1]
     if last in ("scale", "bias") or last == "pos_embedding":
         return 0.02
@@ -45,7 +48,7 @@ def random_params(config: Pi05Config, *, seed: int = 0, dtype=np.float32) -> dic
     flat = {}
     for path, shape in sorted(param_shapes(config).items()):
         w = rng.standard_normal(shape, dtype=np.float32)
-        w *= np.float32(_scale(path, shape))
+        w *= np.float32(init_scale(path, shape))
         flat[path] = w.astype(dtype)
     return unflatten(flat)
 
@@ -63,9 +66,10 @@ def random_norm_stats(action_dim: int, state_dim: int, *, seed: int = 0) -> dict
 
 def write_random_checkpoint(path: str | pathlib.Path, config: Pi05Config, *, seed: int = 0,
                             value_suffix: bool = False, dtype=np.float32) -> pathlib.Path:
-    """A complete openpi-layout checkpoint directory (params + a 'demo' norm-stats asset)."""
-    from checkpoints.openpi_io import save_params
-
+    """A complete openpi-layout checkpoint directory: params, a 'demo' norm-stats asset and a small tokenizer
+    that fits the vocabulary (`<path>/tokenizer.model`, `checkpoints.demo_tokenizer`)."""
     params = random_params(config, seed=seed, dtype=dtype)
     stats = random_norm_stats(config.action_dim, 8, seed=seed)
-    return save_params(path, params, value_suffix=value_suffix, norm_stats={"demo": stats})
+    root = save_params(path, params, value_suffix=value_suffix, norm_stats={"demo": stats})
+    write_demo_tokenizer(root, config.vocab_size)
+    return root

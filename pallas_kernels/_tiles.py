@@ -1,4 +1,4 @@
-"""Tile-size helpers shared by the Triton-lowered matmul kernels (ada_norm_matmul, matmul_gated_residual, fp4)."""
+"""Tile-size helpers shared by the Triton-lowered matmul kernels (skinny_matmul.geglu_matmul, fp4_matmul)."""
 
 from __future__ import annotations
 

@@ -338,3 +338,68 @@ def fp4_matmul_reference(x, w_packed, block_scales, tensor_scale, *, out_dtype=N
     w = dequantize_reference(w_packed, block_scales, tensor_scale)
     y = jnp.einsum("MK,...KN->...MN", x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
     return y.astype(out_dtype or x.dtype)
+
+
+def main():
+    """Micro-benchmark on a GPU (`python -m pallas_kernels.fp4_matmul`): the FP4 weight-only matmul at the MLP
+    shapes (the action expert's gate/up [2, 1024, 4096] and down [4096, 1024] at M = 50, the prefix LLM's gate/up
+    [2, 2048, 16384] at M = 600) with its default tiles, against XLA's bf16 einsum on the same weights dequantized.
+    18 layers chained in one jit, each with its own random FP4 weight (codes, e4m3 block scales) so weights stream
+    from HBM, ordered by an optimization barrier; median of interleaved calls after warm-up, per layer; errors
+    against the float32 reference."""
+    import sys
+    import time
+
+    import numpy as np
+
+    if jax.default_backend() != "gpu":
+        sys.exit("pallas_kernels.fp4_matmul main(): a GPU micro-benchmark; JAX sees no GPU")
+    layers, repeats = 18, 30
+
+    def bf16(x, w, scales, tensor_scale):
+        return jnp.einsum("MK,...KN->...MN", x, w)  # w: the dequantized bf16 weight
+
+    variants = {"XLA bf16 einsum": bf16,
+                "Pallas fp4_matmul": functools.partial(fp4_matmul, interpret=False)}
+
+    def chain(op):
+        def run(x, ws, tensor_scale):
+            out = None
+            for w, s in ws:
+                if out is not None:
+                    _, x = lax.optimization_barrier((out, x))
+                out = op(x, w, s, tensor_scale)
+            return out
+        return jax.jit(run)
+
+    print(f"{jax.devices()[0].device_kind}: FP4 weight-only matmuls, bf16 activations, {layers} layers chained")
+    for label, m, g, k, n in (("expert gate/up", 50, 2, 1024, 4096), ("expert down", 50, 1, 4096, 1024),
+                              ("prefill gate/up", 600, 2, 2048, 16384)):
+        keys = jax.random.split(jax.random.key(m + k + n), 2 * layers + 1)
+        lead = (g,) if g > 1 else ()
+        x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
+        tensor_scale = jnp.float32(k**-0.5)
+        fp4 = [(jax.random.randint(keys[2 * i + 1], (*lead, k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8),
+                jax.random.uniform(keys[2 * i + 2], (*lead, k // BLOCK, n), jnp.float32, 0.25, 2.0)
+                .astype(jnp.float8_e4m3fn)) for i in range(layers)]
+        dense = [(dequantize_reference(w, s, tensor_scale).astype(jnp.bfloat16), s) for w, s in fp4]
+        want = np.asarray(fp4_matmul_reference(x, *fp4[-1], tensor_scale, out_dtype=jnp.float32), np.float64)
+        fns = {name: chain(op) for name, op in variants.items()}
+        args = {"XLA bf16 einsum": (x, dense, tensor_scale), "Pallas fp4_matmul": (x, fp4, tensor_scale)}
+        outs = {name: np.asarray(jax.block_until_ready(fn(*args[name])), np.float64) for name, fn in fns.items()}
+        times = {name: [] for name in fns}
+        for _ in range(3 + repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args[name]))
+                times[name].append(time.perf_counter() - t0)
+        for name in fns:
+            per = float(np.median(times[name][3:])) / layers
+            weight_bytes = g * k * n * (2 if name.startswith("XLA") else 0.5 + 1 / BLOCK)
+            err = np.linalg.norm(outs[name] - want) / np.linalg.norm(want)
+            print(f"  {label:16s} M={m:3d} {g}x[{k}, {n}]  {name:18s} {per * 1e6:8.2f} us  "
+                  f"{weight_bytes / per / 1e9:6.0f} GB/s of weights  rel err {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()

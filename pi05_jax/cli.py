@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # In --help order. A module that is not installed in this build is left out, never half-registered.
-COMMANDS = ("demo", "infer", "compare", "serve", "bench", "profile", "quantize", "build_vision_engine")
+COMMANDS = ("demo", "infer", "compare", "serve", "loadtest", "bench", "profile", "quantize", "build_vision_engine")
 
 DESCRIPTION = """\
 pi05_jax: fast, faithful pi0.5 (openpi) inference in JAX.

@@ -2,7 +2,7 @@
 
 `sampler.sample_actions` compiles one executable per (batch, valid views, prefix bucket, num_steps) for the fast
 paths (per (batch, num_steps) for `reference`): the jit is static on the plan the host reads from the observation's
-masks (`Implementation.prepare`). `precompile` walks the combinations a deployment declares (batch sizes, valid-view
+masks (`Implementation.plan`). `precompile` walks the combinations a deployment declares (batch sizes, valid-view
 counts, prompt lengths, step counts), runs each distinct executable once, so that steady-state serving never
 compiles; `count_compilations` counts backend compilations, which is how tests (and a server's logs) check that.
 """
@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 
-from pi05_jax import sampler
 from pi05_jax.synthetic import synthetic_arrays, synthetic_noise
 
 # jax records this event (jax._src.dispatch.BACKEND_COMPILE_EVENT) around every XLA compilation it performs.
@@ -62,7 +61,7 @@ def deployment_observations(model, *, batch_sizes: Iterable[int] = (1,), views: 
     these batch sizes, valid-view counts, prompt lengths (default: every length 1..max_token_len) and step counts
     need under `model.kernels`."""
     config = model.config
-    impl = sampler.IMPLEMENTATIONS[model.kernels]
+    impl = model.implementation
     slots = len(config.image_keys)
     prompt_lens = tuple(range(1, config.max_token_len + 1)) if prompt_lens is None else tuple(prompt_lens)
     for n in views:
@@ -88,7 +87,7 @@ def deployment_observations(model, *, batch_sizes: Iterable[int] = (1,), views: 
                 mask[:, :t] = True
                 obs = dataclasses.replace(base, tokenized_prompt_mask=mask)
                 for steps in num_steps:
-                    plan = impl.prepare(model.params, obs, steps)[1] if impl.prepare is not None else None
+                    plan = impl.plan(model.prepared(steps), obs) if impl.plan is not None else None
                     found.setdefault(ExecutableKey(batch, steps, plan), (obs, steps))
     return found
 

@@ -1,12 +1,12 @@
 """Results derived from a checkpoint's arrays, cached by the identity of the arrays they come from.
 
 The fast paths derive things from a checkpoint once and reuse them on every call: the per-layer copy of the stacked
-weights (layer_stack), the packed copy (weight_packing), the per-(checkpoint, num_steps) tables (denoise_fast,
-denoise_fused). A `LeafCache` keys each result by a tag, the pytree's structure (which includes static metadata
-such as a quantized weight's options, so a tree rebuilt with other options is a different entry) and the id() of
-every leaf, and holds those leaves by weak reference only: a checkpoint that is dropped is not kept alive by what
-was derived from it, its entries are evicted on the next miss, and a recycled id() is never mistaken for the same
-array. Python scalar leaves (which cannot be weakly referenced) are keyed by value.
+weights (pi05_jax.model.layer_stack), the packed copy (pi05_jax.fast.packing), the per-(checkpoint, num_steps)
+tables (pi05_jax.fast.denoise). A `LeafCache` keys each result by a tag, the pytree's structure (which includes
+static metadata such as a quantized weight's options, so a tree rebuilt with other options is a different entry)
+and the id() of every leaf, and holds those leaves by weak reference only: a checkpoint that is dropped is not kept
+alive by what was derived from it, its entries are evicted on the next miss, and a recycled id() is never mistaken
+for the same array. Python scalar leaves (which cannot be weakly referenced) are keyed by value.
 """
 
 from __future__ import annotations

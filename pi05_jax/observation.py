@@ -106,3 +106,26 @@ def check_noise(noise: np.ndarray, batch: int, config: Pi05Config, *, key: str =
     if not np.all(np.isfinite(noise)):
         raise ObservationError(f"key {key!r} holds NaN or Inf")
     return noise.astype(np.float32)
+
+
+def concat_observations(observations) -> Observation:
+    """Validated observations (host arrays) concatenated along the batch axis, in order: the batched call of a
+    server that groups requests. Rows stay independent: each keeps its own views, image masks and prompt."""
+    observations = list(observations)
+    if not observations:
+        raise ObservationError("concat_observations needs at least one observation")
+    views = list(observations[0].images)
+    for i, obs in enumerate(observations[1:], 1):
+        if list(obs.images) != views or list(obs.image_masks) != views:
+            raise ObservationError(f"observation {i} has camera views {list(obs.images)}, observation 0 has {views}")
+
+    def cat(get):
+        return np.concatenate([np.asarray(get(obs)) for obs in observations], axis=0)
+
+    return Observation(
+        images={v: cat(lambda o, v=v: o.images[v]) for v in views},
+        image_masks={v: cat(lambda o, v=v: o.image_masks[v]) for v in views},
+        state=cat(lambda o: o.state),
+        tokenized_prompt=cat(lambda o: o.tokenized_prompt),
+        tokenized_prompt_mask=cat(lambda o: o.tokenized_prompt_mask),
+    )

@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pi05_jax import sampler
+from pi05_jax import implementations, sampler
 from pi05_jax.config import Pi05Config
+from pi05_jax.fast import path as fast_path
+from pi05_jax.implementations import Implementation
+from pi05_jax.model import reference
 from pi05_jax.observation import Observation
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -23,56 +26,69 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass
 class Model:
+    """config + params + the implementation that runs them. A model loaded for a fast path holds its params in that
+    path's packed layout only (the originals are freed at load), so it runs that implementation."""
+
     config: Pi05Config
     params: dict
-    kernels: str = "reference"
+    implementation: Implementation = implementations.REFERENCE
+    # num_steps -> params prepared by the implementation (its device constants added): per-call host work is then
+    # the plan and the executable's dispatch only
+    _prepared: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def load(cls, checkpoint_dir, *, dtype: str = "bfloat16", kernels: str = "reference",
-             progress: Callable[[str], None] | None = None, unstack_layers: bool | None = None) -> Model:
-        """`unstack_layers`: hold the layer weights as per-layer buffers (pi05_jax.layer_stack), converted once
-        here so the fast path does not keep a second copy; None: when `kernels` is a fast path that runs on them.
-        With them, the weights are also packed for that fast path (fast_path.pack_for), so the model runs that
-        implementation (or another with the same packing); the reference implementation needs a model loaded for
-        it (the default) or with unstack_layers=False."""
+    def load(cls, checkpoint_dir, *, dtype: str = "bfloat16", kernels: str | Implementation = "reference",
+             progress: Callable[[str], None] | None = None) -> Model:
+        """The checkpoint (openpi's layout, or a `pi05 quantize` output) cast to `dtype`, in the weight layout of
+        `kernels` (a fast path's packed per-layer weights are built here once; the stacked originals are freed leaf
+        by leaf as they are converted, so peak memory is the weights plus one stacked leaf)."""
         from checkpoints import quantized_io
         from checkpoints.openpi_io import load_params
 
-        check_kernels(kernels)
+        impl = sampler.resolve(kernels)
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         # A `pi05 quantize` checkpoint (it holds pi05_quantization.json) loads FP8/FP4 weight objects.
         load = quantized_io.load_quantized_params if quantized_io.is_quantized(checkpoint_dir) else load_params
         config, params = load(checkpoint_dir, dtype=DTYPES[dtype], progress=progress)
-        if unstack_layers is None:
-            from pi05_jax import fast_path
+        if impl.pack is not None:
+            params = impl.pack(params, consume=True)
+        return cls(config=config, params=params, implementation=impl)
 
-            unstack_layers = fast_path.wants_unstacked_layers(kernels)
-        if unstack_layers:
-            from pi05_jax import fast_path, layer_stack
-
-            # freed leaf by leaf as they are converted: peak memory is the weights plus one stacked leaf
-            params = layer_stack.unstack_layers(params, consume=True)
-            # the fast path's packed weights (fused QKV, padded SigLIP MLP, transposed gating), built here once: the
-            # model holds them instead of the originals, which are freed (prepare then finds nothing to pack)
-            params = fast_path.pack_for(kernels, params)
-        return cls(config=config, params=params, kernels=kernels)
+    @property
+    def kernels(self) -> str:
+        return self.implementation.name
 
     @property
     def dtype(self):
-        return sampler.params_dtype(self.params)
+        return reference.params_dtype(self.params)
+
+    def prepared(self, num_steps: int) -> dict:
+        """The params the implementation's phases take for num_steps (prepared once per num_steps)."""
+        params = self._prepared.get(num_steps)
+        if params is None:
+            impl = self.implementation
+            params = self.params if impl.prepare is None else impl.prepare(self.params, num_steps)
+            self._prepared[num_steps] = params
+        return params
+
+    def describe(self) -> str:
+        """Which implementation runs, in which dtype, and (fast paths) which kernel runs each piece."""
+        text = f"{self.kernels} ({jnp.dtype(self.dtype).name})"
+        if self.implementation.options is not None:
+            text += f": {fast_path.ops(self.prepared(10), self.implementation.options).describe()}"
+        return text
 
     def sample(self, obs: Observation, *, noise=None, rng=None, num_steps: int = 10) -> jax.Array:
-        return sampler.sample_actions(self.params, obs, noise=noise, rng=rng, num_steps=num_steps,
-                                      kernels=self.kernels, action_horizon=self.config.action_horizon)
+        if noise is None:
+            if rng is None:
+                raise ValueError("Model.sample needs noise= or rng= (deterministic given noise)")
+            a = self.params["action_in_proj"]["kernel"].shape[0]
+            noise = jax.random.normal(rng, (obs.batch_size, self.config.action_horizon, a), jnp.float32)
+        return sampler.sample_prepared(self.implementation, self.prepared(num_steps), obs, noise, num_steps)
 
     def timed_sample(self, obs: Observation, *, noise, num_steps: int = 10) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         actions = self.sample(obs, noise=noise, num_steps=num_steps)
         actions = np.asarray(jax.block_until_ready(actions))
         return actions, time.perf_counter() - t0
-
-
-def check_kernels(kernels: str) -> None:
-    if kernels not in sampler.IMPLEMENTATIONS:
-        raise ValueError(f"unknown --kernels {kernels!r}; available: {', '.join(sorted(sampler.IMPLEMENTATIONS))}")

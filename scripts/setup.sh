@@ -63,7 +63,8 @@ echo "setup.sh: installing $spec into .venv (first run takes a few minutes)" >&2
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e "$spec"
 if [[ " ${extras[*]:-} " == *" test "* ]]; then
-  # openpi-client pins numpy<2, which jax 0.11 cannot use; its code runs fine on numpy 2.
+  # openpi-client's metadata pins numpy<2, which jax 0.11 cannot use (its code runs fine on numpy 2), so it is
+  # installed without its dependencies; the ones the tests need are in the test extra (pyproject.toml says which).
   .venv/bin/python -m pip install -q --no-deps "openpi-client==0.1.2"
 fi
 echo "$want" > "$stamp"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import pathlib
 import shutil
 
 import jax
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checkpoints import openpi_io
+from checkpoints import openpi_io, orbax_store
 from checkpoints.config_inference import infer_config
 from checkpoints.errors import CheckpointError
 from checkpoints.layout import count_params, flatten, param_shapes
@@ -48,7 +50,8 @@ def test_full_config_has_upstreams_parameter_count_without_weights():
 def test_full_size_sampler_shape_checks_with_eval_shape():
     """The whole full-size sampler traces (shapes only, no weights, no compile) and returns [B, 50, 32]."""
     from checkpoints.layout import unflatten
-    from pi05_jax import sampler
+    from pi05_jax import implementations
+    from pi05_jax.model import reference
     from pi05_jax.observation import Observation
 
     cfg = preset("full")
@@ -62,9 +65,9 @@ def test_full_size_sampler_shape_checks_with_eval_shape():
         tokenized_prompt_mask=jax.ShapeDtypeStruct((b, 200), jnp.bool_),
     )
     noise = jax.ShapeDtypeStruct((b, 50, 32), jnp.float32)
-    out = jax.eval_shape(lambda p, o, n: sampler.REFERENCE.sample(p, o, n, 10), params, obs, noise)
+    out = jax.eval_shape(lambda p, o, n: implementations.REFERENCE.sample(p, o, n, 10), params, obs, noise)
     assert out.shape == (b, 50, 32) and out.dtype == jnp.float32
-    pre = jax.eval_shape(lambda p, o: sampler.reference_prefill(p, o, sampler.encode_views(p, o, jnp.bfloat16)),
+    pre = jax.eval_shape(lambda p, o: reference.reference_prefill(p, o, reference.encode_views(p, o, jnp.bfloat16)),
                          params, obs)
     assert pre.kv[0].shape == (18, b, 3 * 256 + 200, 1, 256)
 
@@ -82,7 +85,7 @@ def test_training_layout_with_value_suffix_loads_identically(reference_dir, tmp_
     host = jax.tree.map(np.asarray, params)
     openpi_io.save_params(tmp_path / "train", host, value_suffix=True)
     # the written checkpoint really has the training layout
-    tree = openpi_io._metadata_tree(openpi_io.params_dir(tmp_path / "train"))
+    tree = orbax_store.metadata_tree(orbax_store.params_dir(tmp_path / "train"))
     assert all(k.endswith("/value") for k in flatten(tree["params"]))
     _, loaded = openpi_io.load_params(tmp_path / "train", dtype="float32")
     for (ka, a), (kb, b) in zip(sorted(flatten(host).items()), sorted(flatten(loaded).items()), strict=True):
@@ -174,3 +177,69 @@ def test_error_deleted_metadata(reference_dir, tmp_path):
     (ckpt / "params" / "manifest.ocdbt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError):
         openpi_io.load_params(ckpt)
+
+
+CHECKPOINTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def _checkpoints_imports(path: pathlib.Path) -> tuple[set[str], list[str]]:
+    """(checkpoints modules `path` imports at module level, problems: imports of checkpoints modules inside a
+    function or class, and `_private` names reached in another checkpoints module)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top, problems, aliases = set(), [], {}
+
+    def imported(node) -> list[tuple[str, str | None]]:
+        """[(checkpoints module, name bound to it or None)] of one import statement."""
+        if isinstance(node, ast.Import):
+            return [(a.name, a.asname or a.name) for a in node.names if a.name.startswith("checkpoints.")]
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "checkpoints":
+            if node.module == "checkpoints":
+                return [(f"checkpoints.{a.name}", a.asname or a.name) for a in node.names]
+            for a in node.names:
+                if a.name.startswith("_"):
+                    problems.append(f"{path.name}:{node.lineno} imports private {node.module}.{a.name}")
+            return [(node.module, None)]
+        return []
+
+    for node in tree.body:
+        for module, bound in imported(node):
+            top.add(module)
+            if bound:
+                aliases[bound] = module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            for inner in ast.walk(node):
+                for module, _ in imported(inner):
+                    problems.append(f"{path.name}:{inner.lineno} imports {module} inside {node.name}()")
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_")):
+            problems.append(f"{path.name}:{node.lineno} uses private {aliases[node.value.id]}.{node.attr}")
+    return top, problems
+
+
+def test_checkpoints_import_graph_is_a_dag_of_module_level_imports():
+    """Every checkpoints module imports the others at module level only, uses none of their private names, and
+    the graph has no cycle (found by a depth-first search here, so a cycle is named)."""
+    graph, problems = {}, []
+    for path in sorted(CHECKPOINTS_DIR.glob("*.py")):
+        deps, found = _checkpoints_imports(path)
+        graph[f"checkpoints.{path.stem}"] = deps
+        problems += found
+    assert not problems, "\n".join(problems)
+    unknown = {d for deps in graph.values() for d in deps} - set(graph)
+    assert not unknown, f"imports of checkpoints modules that do not exist: {sorted(unknown)}"
+    state: dict[str, str] = {}
+
+    def visit(module, trail):
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", "import cycle: " + " -> ".join([*trail, module])
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            visit(dep, [*trail, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
+    # the layering the package documents: the orbax layer builds on no reader or writer
+    assert graph["checkpoints.orbax_store"] <= {"checkpoints.errors", "checkpoints.layout"}

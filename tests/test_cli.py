@@ -91,6 +91,7 @@ def test_demo_builds_a_checkpoint_once_and_runs(tmp_path, monkeypatch, capsys):
     assert "writing a random-weight tiny checkpoint" in first.err
     assert "actions shape (1, 50, 32)" in first.out and "finite True" in first.out
     assert (tmp_path / "demo-tiny" / "params").is_dir()
+    assert (tmp_path / "demo-tiny" / "tokenizer.model").is_file()  # serve finds it (tests/test_demo_tokenizer.py)
     assert main(["demo", "--runs", "1", "--num-steps", "2"]) == 0
     assert "using cached demo checkpoint" in capsys.readouterr().err
 
@@ -128,12 +129,11 @@ def test_every_command_help_has_examples(capsys):
         assert "example" in text.lower(), f"`pi05 {name} --help` has no examples"
 
 
-def test_kernels_help_names_every_registered_implementation():
-    """--kernels' help text (written without importing JAX) lists exactly the registered implementations."""
+def test_kernels_help_names_every_implementation():
+    """--kernels' help text (written without importing JAX) lists exactly the implementations of the one list."""
     import re
 
-    from pi05_jax import fast_path, sampler  # noqa: F401  (registers the fast paths)
     from pi05_jax.commands.common import KERNELS_HELP
+    from pi05_jax.implementations import IMPLEMENTATIONS
 
-    assert set(re.findall(r"'([a-z0-9_-]+)'", KERNELS_HELP)) == {
-        name for name in sampler.IMPLEMENTATIONS if not name.startswith("test")}  # tests register "test-..."
+    assert set(re.findall(r"'([a-z0-9_-]+)'", KERNELS_HELP)) == set(IMPLEMENTATIONS)

@@ -102,7 +102,8 @@ def test_float8_scales_equal_their_bytes():
 
 # Real shapes: the expert's gate/up [2, 1024, 4096] and down-projection [4096, 1024] at M=50 with the default
 # (denoise) tiles; the prefix LLM's down-projection [16384, 2048] at M=600 with large tiles to keep interpret
-# mode quick (the Triton tiling is exercised on the GPU by scripts/gpu_fp4.py and the gpu-marked test below).
+# mode quick (the Triton tiling is exercised on the GPU by the gpu-marked test below and timed by
+# `python -m pallas_kernels.fp4_matmul`).
 REAL = [
     pytest.param(50, 1024, 4096, 2, None, id="expert_gate_up_M50"),
     pytest.param(50, 4096, 1024, None, None, id="expert_down_M50"),

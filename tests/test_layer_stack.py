@@ -1,6 +1,6 @@
-"""The unstacked layer layout (pi05_jax.layer_stack): per-layer weight buffers and Python-unrolled layer loops must
-compute what the stacked layout's lax.scan computes, in every model function, the fast paths and the reference;
-the conversion is cached per checkpoint and works for quantized weights too."""
+"""The unstacked layer layout (pi05_jax.model.layer_stack): per-layer weight buffers and Python-unrolled layer loops
+must compute what the stacked layout's lax.scan computes, in the model functions and in the fast path's own layer
+loops; the conversion is cached per checkpoint and works for quantized weights too."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pi05_jax import compact_prefix, denoise_fast, fast_path, gemma, layer_stack, sampler, siglip
+from pi05_jax import implementations, sampler
+from pi05_jax.fast import denoise as fast_denoise
+from pi05_jax.fast import ops as fast_ops
+from pi05_jax.fast import path as fast_path
+from pi05_jax.model import gemma, layer_stack, reference, siglip
 from pi05_jax.observation import observation_from_arrays
 from pi05_jax.runtime import Model
 from tests.conftest import REFERENCE_DIR, case_inputs, rel_err
@@ -17,7 +21,7 @@ from tests.conftest import REFERENCE_DIR, case_inputs, rel_err
 # Stacked scan vs unrolled layers in float32: the same ops on the same values; XLA may fuse the two programs
 # differently, so allow float32 rounding only.
 FP32_LAYOUT_TOL = 1e-6
-FP32_REL_TOL = 1e-4  # vs upstream's saved outputs (as tests/test_fast_path.py)
+FP32_REL_TOL = 1e-5  # vs upstream's saved outputs (as tests/test_fast_path.py)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +50,8 @@ def _assert_close(ours, ref, tol=FP32_LAYOUT_TOL):
 
 def test_unstack_layers_splits_both_groups_and_shares_the_rest(params, unstacked):
     for path in (layer_stack.LLM_PATH, layer_stack.IMG_PATH):
-        stacked = layer_stack._get(params, path)
-        groups = layer_stack._get(unstacked, path)
+        stacked = layer_stack.get_path(params, path)
+        groups = layer_stack.get_path(unstacked, path)
         assert layer_stack.is_unstacked(groups) and not layer_stack.is_unstacked(stacked)
         depth = layer_stack.num_layers(stacked)
         assert len(groups) == depth
@@ -143,7 +147,8 @@ def prefix_inputs(params):
 @pytest.mark.parametrize("last_layer_kv_only", [True, False])
 def test_prefill_kv_unstacked_matches_stacked(params, unstacked, prefix_inputs, last_layer_kv_only):
     x, positions, lengths = prefix_inputs
-    attend = compact_prefix.xla_prefill_attention(lengths)
+    def attend(q, k, v):
+        return fast_ops.prefix_attend_xla(q, k, v, lengths)
 
     def run(p):
         return jax.jit(lambda llm: gemma.prefill(llm, x, positions, attend, last_layer_kv_only=last_layer_kv_only))(
@@ -156,36 +161,45 @@ def test_prefill_kv_unstacked_matches_stacked(params, unstacked, prefix_inputs, 
     _assert_close(jnp.stack(v), v_ref)
 
 
-def test_expert_unstacked_matches_stacked(params, unstacked, prefix_inputs):
+def test_fast_expert_on_packed_layers_matches_the_stacked_reference(params, prefix_inputs):
+    """pi05_jax.fast.denoise.expert_forward (packed per-layer weights, the fused QKV, XLA ops) computes what
+    gemma.expert_forward computes on openpi's stacked layout with upstream's masked attention."""
     x_prefix, positions, lengths = prefix_inputs
-    attend_prefix = compact_prefix.xla_prefill_attention(lengths)
-    attend = denoise_fast.xla_suffix_attention(lengths)
     width = params["action_in_proj"]["kernel"].shape[-1]
-    tokens = jax.random.normal(jax.random.key(2), (2, 7, width), jnp.float32)
-    suffix_positions = lengths[:, None] + jnp.arange(7, dtype=jnp.int32)[None]
-    cond = sampler.time_conditioning(params, jnp.array([0.7, 0.3], jnp.float32))
+    t = 7
+    tokens = jax.random.normal(jax.random.key(2), (2, t, width), jnp.float32)
+    suffix_positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    cond = reference.time_conditioning(params, jnp.array([0.7, 0.3], jnp.float32))
+    packed = fast_path.pack(params, implementations.COMPACT.options)
+    ops = fast_path.ops(packed, implementations.COMPACT.options)
+
+    def attend_prefix(q, k, v):
+        return fast_ops.prefix_attend_xla(q, k, v, lengths)
+
+    def attend_suffix(q, ck, cv, k, v):
+        s = ck.shape[1]
+        mask = jnp.concatenate([jnp.broadcast_to((jnp.arange(s)[None, :] < lengths[:, None])[:, None], (2, t, s)),
+                                jnp.ones((2, t, t), bool)], axis=-1)
+        return gemma.masked_attention(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1), mask)
 
     @jax.jit
-    def run(p):
-        llm = p["PaliGemma"]["llm"]
+    def run(stacked, packed):
+        llm = stacked["PaliGemma"]["llm"]
         kv = gemma.prefill(llm, x_prefix, positions, attend_prefix)
         mods = gemma.expert_modulations(llm, cond, jnp.float32)
-        scan = gemma.expert_forward(llm, tokens, mods, kv, suffix_positions, attend)
-        unrolled = denoise_fast.expert_forward(llm, tokens, mods, kv, suffix_positions, attend, unroll_layers=True)
-        return mods, scan, unrolled
+        want = gemma.expert_forward(llm, tokens, mods, kv, suffix_positions, attend_suffix)
+        per_layer = (tuple(kv[0]), tuple(kv[1]))
+        got = fast_denoise.expert_forward(packed["PaliGemma"]["llm"]["layers"], tokens, mods, per_layer,
+                                          suffix_positions, lengths, ops)
+        return got, want
 
-    mods_ref, out_ref, unrolled_ref = run(params)
-    mods, out, unrolled = run(unstacked)
-    for ours, ref in zip(jax.tree.leaves(mods), jax.tree.leaves(mods_ref), strict=True):
-        _assert_close(ours, ref)
-    _assert_close(out, out_ref)
-    _assert_close(unrolled, out_ref)
-    _assert_close(unrolled_ref, out_ref)
+    got, want = run(params, packed)
+    _assert_close(got, want)
 
 
 def test_modulation_table_on_unstacked_params_matches_stacked(params, unstacked):
-    ref = denoise_fast.modulation_table(params, 3)
-    ours = denoise_fast.modulation_table(unstacked, 3)
+    ref = fast_denoise.modulation_table(params, 3)
+    ours = fast_denoise.modulation_table(unstacked, 3)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         _assert_close(a, b)
 
@@ -193,65 +207,31 @@ def test_modulation_table_on_unstacked_params_matches_stacked(params, unstacked)
 # --- whole samplers on unstacked params -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernels", ["reference", "compact", "pallas"])
+@pytest.mark.parametrize("kernels", ["reference", "compact"])
 def test_samplers_on_unstacked_params_reproduce_upstream(tiny_fp32, unstacked, model_cases, kernels):
-    """Params already in the unstacked layout (as Model.load gives a fast path) go through every implementation."""
+    """Params already in the unstacked layout go through the reference (its layer loops unrolled) and a fast path
+    (its prepare packs them)."""
     ins, obs = _case(tiny_fp32, model_cases, "batch2_mixed")
     actions = sampler.sample_actions(unstacked, obs, noise=ins["noise"], num_steps=int(ins["num_steps"]),
                                      kernels=kernels)
     assert rel_err(actions, model_cases["batch2_mixed/out/fp32/actions"]) <= FP32_REL_TOL
 
 
-@pytest.mark.parametrize("unstack,unroll_steps", [(False, None), (True, True)])
-def test_fast_path_layouts_and_step_loops_reproduce_upstream(tiny_fp32, model_cases, unstack, unroll_steps):
-    """The old behaviour (stacked layers, unrolled steps) and the unstacked layout with unrolled steps (the default,
-    a fori_loop, runs in tests/test_fast_path.py)."""
-    ins, obs = _case(tiny_fp32, model_cases, "three_steps")
-    options = fast_path.FastPathOptions(unstack_layers=unstack, unroll_steps=unroll_steps)
-    impl = fast_path.make_implementation(f"test-layout-{unstack}-{unroll_steps}", options)
-    params, plan = impl.prepare(tiny_fp32.params, obs, int(ins["num_steps"]))
-    assert layer_stack.params_unstacked(params) == unstack
-    run = jax.jit(impl.specialize(plan).sample, static_argnums=3)
-    actions = run(params, obs, jnp.asarray(ins["noise"]), int(ins["num_steps"]))
-    assert rel_err(actions, model_cases["three_steps/out/fp32/actions"]) <= FP32_REL_TOL
-
-
-def test_default_step_loop_follows_the_layout(params, unstacked):
-    assert fast_path.FastPathOptions().unroll_steps is None
-    assert denoise_fast.default_unroll_steps(params) is True
-    assert denoise_fast.default_unroll_steps(unstacked) is False
-
-
-def test_model_load_holds_one_unstacked_copy_for_a_fast_path(reference_dir):
+def test_model_load_holds_one_packed_copy_for_a_fast_path(reference_dir):
     model = Model.load(REFERENCE_DIR / "checkpoint", dtype="float32", kernels="compact")
     assert layer_stack.params_unstacked(model.params)
-    assert fast_path.wants_unstacked_layers("pallas") and not fast_path.wants_unstacked_layers("reference")
-    loaded = model.params["PaliGemma"]["llm"]["layers"]
-    unpacked = fast_path.make_implementation("test-load-unpacked", fast_path.FastPathOptions(
-        fuse_gemma_qkv=False, fuse_siglip_qkv=False, pad_siglip_mlp=False))
-    obs_params, _ = unpacked.prepare(model.params, _dummy_obs(model), 2)
-    # prepare reuses the loaded per-layer buffers: no second copy of the weights
-    assert obs_params["PaliGemma"]["llm"]["layers"] is loaded
-    # the loaded weights are already packed for `compact` (fast_path.pack_for): its prepare makes no new buffer
-    obs_params, _ = sampler.IMPLEMENTATIONS["compact"].prepare(model.params, _dummy_obs(model), 2)
+    # the loaded weights are already in `compact`'s layout: its prepare makes no new buffer
+    prepared = implementations.COMPACT.prepare(model.params, 2)
     for path in (layer_stack.LLM_PATH, layer_stack.IMG_PATH):
-        ours, theirs = layer_stack._get(obs_params, path), layer_stack._get(model.params, path)
+        ours, theirs = layer_stack.get_path(prepared, path), layer_stack.get_path(model.params, path)
         assert all(a is b for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True))
-    stacked = Model.load(REFERENCE_DIR / "checkpoint", dtype="float32", kernels="compact", unstack_layers=False)
-    assert not layer_stack.params_unstacked(stacked.params)
     assert not layer_stack.params_unstacked(Model.load(REFERENCE_DIR / "checkpoint", dtype="float32").params)
-
-
-def _dummy_obs(model):
-    from pi05_jax.synthetic import synthetic_arrays
-
-    return observation_from_arrays(synthetic_arrays(model.config, views=3, prompt_len=10, seed=0), model.config)
 
 
 def test_consuming_conversion_frees_the_stacked_arrays_and_keeps_the_values(reference_dir):
     """Model.load's conversion: the same per-layer values as a plain unstack, and the stacked buffers are freed."""
     from checkpoints.openpi_io import load_params
-    from pi05_jax import layer_stack
+    from pi05_jax.model import layer_stack
 
     _, params = load_params(reference_dir / "checkpoint", dtype="float32")
     _, again = load_params(reference_dir / "checkpoint", dtype="float32")

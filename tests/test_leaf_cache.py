@@ -1,6 +1,6 @@
 """pi05_jax/leaf_cache.py (results keyed by tag, pytree structure and leaf identity, leaves held weakly), and the
-regression it fixed in its users: `layer_stack.unstack_layers_cached` and `weight_packing.pack_weights_cached` once
-returned the copy cached for a quantized checkpoint when called again on the same arrays with other Fp8Weight
+regression it fixed in its users: `layer_stack.unstack_layers_cached` and `pi05_jax.fast.packing.pack_weights_cached`
+once returned the copy cached for a quantized checkpoint when called again on the same arrays with other Fp8Weight
 options (static metadata, so a different tree structure), silently dropping the new options.
 """
 
@@ -19,8 +19,9 @@ import pytest
 import checkpoints.quantize
 import checkpoints.random_init
 import pi05_jax.config
-from pi05_jax import layer_stack, weight_packing
+from pi05_jax.fast import packing
 from pi05_jax.leaf_cache import LeafCache
+from pi05_jax.model import layer_stack
 from pi05_jax.quantized import fp8_weight
 from pi05_jax.quantized.fp8_weight import Fp8Weight
 
@@ -167,28 +168,31 @@ def test_unstack_layers_cached_keeps_new_fp8_options(quantized_tiny):
     assert layer_stack.unstack_layers_cached(q)["PaliGemma"]["llm"]["layers"] is first["PaliGemma"]["llm"]["layers"]
     assert activations(first) == {None}
 
-    q_none = fp8_weight.with_options(q, activations="none")
+    q_dynamic = fp8_weight.with_options(q, activations="dynamic")
     # the same arrays: only the static options differ
-    assert all(a is b for a, b in zip(jax.tree.leaves(q_none), jax.tree.leaves(q), strict=True))
-    second = layer_stack.unstack_layers_cached(q_none)
+    assert all(a is b for a, b in zip(jax.tree.leaves(q_dynamic), jax.tree.leaves(q), strict=True))
+    second = layer_stack.unstack_layers_cached(q_dynamic)
     assert len(fp8_weights(second)) == len(fp8_weights(first)) > 0
-    assert activations(second) == {"none"}
+    assert activations(second) == {"dynamic"}
     assert activations(layer_stack.unstack_layers_cached(q)) == {None}  # the first entry is still there, unchanged
 
 
 def test_pack_weights_cached_keeps_new_fp8_options(quantized_tiny):
     unstacked = layer_stack.unstack_layers_cached(quantized_tiny)
-    first = weight_packing.pack_weights_cached(unstacked)
-    again = weight_packing.pack_weights_cached(unstacked)  # the same arrays (containers are rebuilt on a hit)
+    first = packing.pack_weights_cached(unstacked, transpose_expert_gating=True)
+    # the same arrays (containers are rebuilt on a hit)
+    again = packing.pack_weights_cached(unstacked, transpose_expert_gating=True)
     assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(first), strict=True))
     assert activations(first) == {None}
 
-    second = weight_packing.pack_weights_cached(fp8_weight.with_options(unstacked, activations="none"))
+    second = packing.pack_weights_cached(fp8_weight.with_options(unstacked, activations="dynamic"),
+                                         transpose_expert_gating=True)
     assert len(fp8_weights(second)) == len(fp8_weights(first)) > 0
-    assert activations(second) == {"none"}
+    assert activations(second) == {"dynamic"}
 
     # the whole chain, as the fast path prepares a checkpoint
-    chained = weight_packing.pack_weights_cached(
-        layer_stack.unstack_layers_cached(fp8_weight.with_options(quantized_tiny, activations="none")))
-    assert activations(chained) == {"none"}
-    assert activations(weight_packing.pack_weights_cached(unstacked)) == {None}
+    chained = packing.pack_weights_cached(
+        layer_stack.unstack_layers_cached(fp8_weight.with_options(quantized_tiny, activations="dynamic")),
+        transpose_expert_gating=True)
+    assert activations(chained) == {"dynamic"}
+    assert activations(packing.pack_weights_cached(unstacked, transpose_expert_gating=True)) == {None}

@@ -10,8 +10,8 @@ import pytest
 
 from bridges import onnx_export
 from bridges.vision_weights import load_vision_params
-from pi05_jax import siglip
 from pi05_jax.config import IMAGE_KEYS
+from pi05_jax.model import siglip
 from tests.conftest import cosine, rel_err
 
 # Relative error of the exported graph against our JAX SigLIP run in float32, keyed by the graph's precision.

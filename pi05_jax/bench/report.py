@@ -62,7 +62,8 @@ def text(doc: dict) -> str:
     lines += _table(["impl", "compile", "total", "Hz", "vision", "prefill", "denoise", "sum/total", "host prep",
                      "peak mem", "speedup vs first"], rows)
     if any(r.get("host_prepare") for r in doc["implementations"]):
-        lines.append("  host prep: host work sampler.sample_actions does before each call (not in total)")
+        lines.append("  host prep: the host work before each call (the plan from the masks, sampler.sample_prepared; "
+                     "not in total)")
     lines.append("  peak mem: the device allocator's peak so far in this process (n/a where the backend keeps no "
                  "statistics); plan: XLA's memory plan of the one-jit executable (arguments + outputs + temporaries)")
     lines += _bridged_vision_lines(doc["implementations"])
@@ -72,15 +73,19 @@ def text(doc: dict) -> str:
     w = rl["workload"]
     lines += ["", f"roofline: the floor counts valid tokens ({w['prefix_tokens_valid']} prefix tokens; upstream "
                   f"computes {w['prefix_tokens_padded']} padded), adaRMS precomputed, {w['euler_steps']} steps"]
+    lines += _rates_lines(rl, sel["dtype"])
+    sheet = rl.get("datasheet_total_floor_s") is not None
     rows = []
     for ph in PHASES:
         f = rl["phases"][ph]
         rows.append([ph, f"{f['flops'] / 1e9:.2f}", f"{f['bytes'] / 1e6:.1f}", _ms(f["floor_s"]), f["bound"],
-                     *(f"{r['vs_floor'][ph]:.1f}x" for r in ok)])
+                     *([_ms(f["datasheet_floor_s"])] if sheet else []), *(f"{r['vs_floor'][ph]:.1f}x" for r in ok)])
     rows.append(["total", f"{sum(rl['phases'][p]['flops'] for p in PHASES) / 1e9:.2f}",
                  f"{sum(rl['phases'][p]['bytes'] for p in PHASES) / 1e6:.1f}", _ms(rl["total_floor_s"]), "",
+                 *([_ms(rl["datasheet_total_floor_s"])] if sheet else []),
                  *(f"{r['vs_floor']['total']:.1f}x" for r in ok)])
-    lines += _table(["phase", "GFLOP", "MB", "floor ms", "bound", *(f"{r['name']} / floor" for r in ok)], rows)
+    lines += _table(["phase", "GFLOP", "MB", "floor ms", "bound", *(["floor ms at datasheet"] if sheet else []),
+                     *(f"{r['name']} / floor" for r in ok)], rows)
     for r in ok:
         acc = "; ".join(f"{ph} {r['token_accounting'][ph]}" for ph in PHASES)
         lines.append(f"  {r['name']} computes: {acc}")
@@ -102,6 +107,23 @@ def text(doc: dict) -> str:
     if "startup" in doc:
         lines += ["", *startup_text(doc["startup"])]
     return "\n".join(lines)
+
+
+def _rates_lines(rl: dict, dtype: str) -> list[str]:
+    """The rates the floor divides by (measured on this card) beside the card's datasheet figures."""
+    rates, sheet = rl["rates"], rl.get("datasheet") or {"card": "unknown"}
+    measured = (rates["bytes_per_s"], rates["matmul_flops_per_s"])
+    published = (sheet.get("bytes_per_s"), sheet.get("matmul_flops_per_s"))
+    def fmt(x: float) -> str:
+        return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+    rows = []
+    for label, scale, m, d in (("copy GB/s", 1e9, measured[0], published[0]),
+                               (f"{dtype} matmul TFLOP/s", 1e12, measured[1], published[1])):
+        memory = f" {sheet['memory']}" if d is not None and label.startswith("copy") and sheet.get("memory") else ""
+        rows.append([label, fmt(m / scale), "unknown" if d is None else fmt(d / scale) + memory,
+                     "" if d is None else f"{m / d * 100:.0f}%"])
+    return _table(["rate", "measured (the floor's)", f"datasheet ({sheet['card']})", "measured / datasheet"], rows)
 
 
 def startup_text(st: dict) -> list[str]:

@@ -65,7 +65,7 @@ class Workload:
 
     @property
     def euler_steps(self) -> int:
-        from pi05_jax.sampler import euler_times
+        from pi05_jax.model.reference import euler_times
 
         return len(euler_times(self.num_steps))
 

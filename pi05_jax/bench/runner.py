@@ -1,15 +1,18 @@
 """Timing one implementation: compile, the one-jit sample, each phase jitted alone, memory, executed FLOPs.
 
-Every timed call is `block_until_ready`'d. Warm runs are interleaved (total, vision, prefill, denoise, then again)
-so drift on a shared machine hits every figure alike. Latency statistics are over warm runs: median, p10, p90.
+Every timed call is `block_until_ready`'d. Warm runs are interleaved (total, vision, prefill, denoise, then again:
+`timed_rounds`, which scripts/gpu_measure.py also uses across implementations) so drift on a shared machine hits
+every figure alike. Latency statistics are over warm runs: median, p10, p90.
 The phases are separate executables fed with the previous phase's real output; their medians should add up to
 the one-jit total within PHASE_SUM_TOLERANCE, and the result says whether they do. An implementation with a
-host-side `prepare` (run by `sampler.sample_actions` before every call) has it timed on its own.
+host-side plan (made by `sampler.sample_prepared` before every call) has it timed on its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -62,35 +65,69 @@ def executed_flops(p: Phased, params, obs, noise, vision_out, prefix) -> dict:
                  "inexact": sorted(set(c.inexact))} for ph, c in counts.items()}
 
 
-def run_implementation(p: Phased, obs, noise, *, runs: int, say) -> dict:
+@dataclasses.dataclass
+class Compiled:
+    """One implementation's executables, compiled and called once: the one-jit sample and (with phases) each
+    phase alone, fed with the previous phase's real output. `calls` maps "total" / "vision" / "prefill" /
+    "denoise" / "prepare" (the host work before every call, where the implementation has it) to a thunk that
+    makes one call; `timed_rounds` times them."""
+
+    sample: object
+    compile_s: float
+    first_call_s: float
+    actions: object
+    phase_compile_s: dict
+    vision_out: object
+    prefix: object
+    calls: dict
+
+
+def compile_calls(p: Phased, obs, noise, *, say, phases: bool = True) -> Compiled:
     params = p.params
     say(f"[{p.name}] compiling the one-jit sample" + (f" ({p.variant})" if p.variant != p.name else ""))
     sample_c, compile_s = compile_timed(p.sample, (params, obs, noise))
     actions, first_s = call_timed(sample_c, (params, obs, noise))
-    say(f"[{p.name}] compiled in {compile_s:.1f} s, first call {first_s * 1e3:.1f} ms; compiling the phases")
-    vision_c, vision_compile_s = compile_timed(p.vision, (params, obs))
-    vision_out, _ = call_timed(vision_c, (params, obs))
-    prefill_c, prefill_compile_s = compile_timed(p.prefill, (params, obs, vision_out))
-    prefix, _ = call_timed(prefill_c, (params, obs, vision_out))
-    denoise_c, denoise_compile_s = compile_timed(p.denoise, (params, prefix, noise))
-    call_timed(denoise_c, (params, prefix, noise))
-
-    calls = {"total": (sample_c, (params, obs, noise)), "vision": (vision_c, (params, obs)),
-             "prefill": (prefill_c, (params, obs, vision_out)), "denoise": (denoise_c, (params, prefix, noise))}
-    times: dict[str, list[float]] = {k: [] for k in calls}
+    calls = {"total": lambda: sample_c(params, obs, noise)}
+    phase_compile_s, vision_out, prefix = {}, None, None
+    if phases:
+        say(f"[{p.name}] compiled in {compile_s:.1f} s, first call {first_s * 1e3:.1f} ms; compiling the phases")
+        vision_c, phase_compile_s["vision"] = compile_timed(p.vision, (params, obs))
+        vision_out, _ = call_timed(vision_c, (params, obs))
+        prefill_c, phase_compile_s["prefill"] = compile_timed(p.prefill, (params, obs, vision_out))
+        prefix, _ = call_timed(prefill_c, (params, obs, vision_out))
+        denoise_c, phase_compile_s["denoise"] = compile_timed(p.denoise, (params, prefix, noise))
+        call_timed(denoise_c, (params, prefix, noise))
+        calls.update(vision=lambda: vision_c(params, obs), prefill=lambda: prefill_c(params, obs, vision_out),
+                     denoise=lambda: denoise_c(params, prefix, noise))
+    else:
+        say(f"[{p.name}] compiled in {compile_s:.1f} s, first call {first_s * 1e3:.1f} ms")
     if p.prepare is not None:
-        times["prepare"] = []
-    say(f"[{p.name}] timing {runs} warm runs (after {WARMUP_RUNS} warm-up)")
-    for i in range(WARMUP_RUNS + runs):
-        for key, (c, args) in calls.items():
-            _, t = call_timed(c, args)
-            if i >= WARMUP_RUNS:
-                times[key].append(t)
-        if p.prepare is not None:
+        calls["prepare"] = p.prepare
+    return Compiled(sample=sample_c, compile_s=compile_s, first_call_s=first_s, actions=actions,
+                    phase_compile_s=phase_compile_s, vision_out=vision_out, prefix=prefix, calls=calls)
+
+
+def timed_rounds(calls: Mapping[str, Callable[[], object]], runs: int, *,
+                 warmup: int = WARMUP_RUNS) -> dict[str, list[float]]:
+    """`warmup + runs` rounds; each round makes one call of every entry in turn (interleaved, so drift hits all
+    alike), timed from the call to `block_until_ready` of its result. Returns the `runs` timed seconds per key."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for i in range(warmup + runs):
+        for key, call in calls.items():
             t0 = time.perf_counter()
-            p.prepare()
-            if i >= WARMUP_RUNS:
-                times["prepare"].append(time.perf_counter() - t0)
+            jax.block_until_ready(call())
+            if i >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def run_implementation(p: Phased, obs, noise, *, runs: int, say) -> dict:
+    params = p.params
+    c = compile_calls(p, obs, noise, say=say)
+    sample_c, compile_s, first_s, actions = c.sample, c.compile_s, c.first_call_s, c.actions
+    vision_out, prefix = c.vision_out, c.prefix
+    say(f"[{p.name}] timing {runs} warm runs (after {WARMUP_RUNS} warm-up)")
+    times = timed_rounds(c.calls, runs)
     total = stats(times["total"])
     prepare = stats(times["prepare"]) if p.prepare is not None else None
     phases = {ph: stats(times[ph]) for ph in PHASES}
@@ -105,12 +142,12 @@ def run_implementation(p: Phased, obs, noise, *, runs: int, say) -> dict:
         "compile_s": compile_s,
         "first_call_s": first_s,
         "time_to_first_action_s": compile_s + first_s,
-        "phase_compile_s": {"vision": vision_compile_s, "prefill": prefill_compile_s, "denoise": denoise_compile_s},
+        "phase_compile_s": c.phase_compile_s,
         "total": total,
         "hz": 1.0 / total["median_s"],
         "host_prepare": prepare,
         "host_prepare_note": None if prepare is None else (
-            "host work sampler.sample_actions does before every call (reading the masks, plan); not in 'total'"),
+            "host work before every call (the plan from the masks, sampler.sample_prepared); not in 'total'"),
         "phases": phases,
         "phase_sum_s": phase_sum,
         "phase_sum_over_total": ratio,
@@ -129,29 +166,23 @@ def run_implementation(p: Phased, obs, noise, *, runs: int, say) -> dict:
 
 
 def run_bridged_vision(impl, engines, params, obs, num_steps: int, *, runs: int, say) -> dict:
-    """The vision phase of `impl` through the engine(s) (bridges.vision_bridge.register_bridged: same layout, the
+    """The vision phase of `impl` through the engine(s) (bridges.vision_bridge.bridged: same layout, the
     engine as the tower) and through XLA, each jitted alone, warm runs interleaved; the engine's tokens are compared
     with XLA's. A failure (e.g. no engine for this layout's image count) is recorded, not raised."""
-    from bridges.vision_bridge import register_bridged
-    from pi05_jax import sampler
+    from bridges.vision_bridge import bridged as bridge
     from pi05_jax.bench.implementations import phased
 
     kind = engines.engines[0].manifest.kind
     out = {"kind": kind, "engines": [str(e.path) for e in engines.engines]}
     try:
-        bridged = phased(sampler.IMPLEMENTATIONS[register_bridged(impl.name, engines)], params, obs, num_steps)
+        bridged = phased(bridge(impl, engines), params, obs, num_steps)
         xla = phased(impl, params, obs, num_steps)
         say(f"[{impl.name}] compiling the vision phase through the {kind} engine ({bridged.variant})")
         bridged_c, compile_s = compile_timed(bridged.vision, (bridged.params, obs))
         xla_c, _ = compile_timed(xla.vision, (xla.params, obs))
-        calls = {"bridged": (bridged_c, (bridged.params, obs)), "xla": (xla_c, (xla.params, obs))}
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        outs = {}
-        for i in range(WARMUP_RUNS + runs):
-            for key, (c, args) in calls.items():
-                outs[key], t = call_timed(c, args)
-                if i >= WARMUP_RUNS:
-                    times[key].append(t)
+        calls = {"bridged": lambda: bridged_c(bridged.params, obs), "xla": lambda: xla_c(xla.params, obs)}
+        outs = {key: jax.block_until_ready(call()) for key, call in calls.items()}
+        times = timed_rounds(calls, runs)
     except Exception as e:  # an engine that does not fit this implementation's layout must not hide the rest
         say(f"[{impl.name}] vision through the {kind} engine FAILED: {type(e).__name__}: {e}")
         return {**out, "error": f"{type(e).__name__}: {str(e)[:500]}"}

@@ -83,7 +83,7 @@ class Selection:
                 raise UsageError(f"{flag} must be >= 1, got {value}")
         from pi05_jax.bench.implementations import parse_names, resolve
 
-        resolve(args.kernels, platform=platform)
+        resolve(args.kernels)
         return cls(config=config, source=source, checkpoint=args.checkpoint, preset=preset_name, views=args.views,
                    prompt_len=args.prompt_len, steps=args.steps, batch=args.batch, dtype=args.dtype,
                    kernels=tuple(parse_names(args.kernels)), runs=args.runs, device=args.device,
@@ -161,10 +161,10 @@ def device_random_params(config: Pi05Config, *, seed: int, dtype: str) -> dict:
     import jax
 
     from checkpoints.layout import param_shapes, unflatten
-    from checkpoints.random_init import _scale
+    from checkpoints.random_init import init_scale
 
     shapes = sorted((path, tuple(shape)) for path, shape in param_shapes(config).items())
-    scales = np.asarray([_scale(path, shape) for path, shape in shapes], np.float32)
+    scales = np.asarray([init_scale(path, shape) for path, shape in shapes], np.float32)
     salts = np.asarray([(seed * 0x27D4EB2F + i * 0x632BE5AB) % (1 << 32) for i in range(len(shapes))], np.uint32)
 
     @jax.jit

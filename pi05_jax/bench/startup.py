@@ -113,9 +113,9 @@ def _child(spec: dict) -> dict:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     import numpy as np
 
-    from pi05_jax import sampler
+    from pi05_jax import implementations
     from pi05_jax.bench import hardware
-    from pi05_jax.bench.implementations import load_all, phased
+    from pi05_jax.bench.implementations import phased
     from pi05_jax.bench.selection import random_weights
     from pi05_jax.synthetic import synthetic_noise, synthetic_observation
 
@@ -139,9 +139,8 @@ def _child(spec: dict) -> dict:
     obs = jax.device_put(synthetic_observation(config, batch=spec["batch"], views=spec["views"],
                                                prompt_len=spec["prompt_len"], seed=spec["seed"]))
     noise = jax.device_put(synthetic_noise(config, batch=spec["batch"], seed=spec["seed"]))
-    load_all()
     t0 = time.perf_counter()
-    p = phased(sampler.IMPLEMENTATIONS[spec["kernels"]], params, obs, spec["steps"])
+    p = phased(implementations.get(spec["kernels"]), params, obs, spec["steps"])
     compiled = jax.jit(p.sample).lower(p.params, obs, noise).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()

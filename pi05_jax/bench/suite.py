@@ -60,7 +60,9 @@ def token_accounting(executed: dict, floor_flops: int, padded_flops: int) -> str
     return f"other ({f / floor_flops:.2f}x the floor's count, {f / padded_flops:.2f}x padded)"
 
 
-def roofline_section(sel: Selection, params, ceilings: dict) -> tuple[dict, dict]:
+def roofline_section(sel: Selection, params, ceilings: dict, datasheet: dict) -> tuple[dict, dict]:
+    """The floor at the ceilings measured on this card; `datasheet` (hardware.datasheet_rates) adds the floor at
+    the card's datasheet figures beside it, where the card is known."""
     work = roofline.Workload(batch=sel.batch, views=sel.views, prompt_len=sel.prompt_len, num_steps=sel.steps)
     weight_bytes = roofline.weight_bytes_from_params(params)
     act_bytes = np.dtype("float32").itemsize if sel.dtype == "float32" else 2
@@ -69,11 +71,15 @@ def roofline_section(sel: Selection, params, ceilings: dict) -> tuple[dict, dict
     rates = roofline.Rates(matmul_flops_per_s=ceilings["matmul"]["flops_per_s"],
                            bytes_per_s=ceilings["bandwidth"]["bytes_per_s"])
     fl = roofline.floor(costs, rates)
+    known = datasheet["bytes_per_s"] is not None and datasheet["matmul_flops_per_s"] is not None
+    sheet = roofline.floor(costs, roofline.Rates(datasheet["matmul_flops_per_s"], datasheet["bytes_per_s"])) \
+        if known else None
     phases = {}
     for ph in PHASES:
         c, pc = costs[ph], padded[ph]
         phases[ph] = {"flops": c.flops, "bytes": c.bytes, "flops_detail": c.flops_detail,
-                      "bytes_detail": c.bytes_detail, **fl[ph], "padded_flops": pc.flops, "padded_bytes": pc.bytes}
+                      "bytes_detail": c.bytes_detail, **fl[ph], "padded_flops": pc.flops, "padded_bytes": pc.bytes,
+                      "datasheet_floor_s": sheet[ph]["floor_s"] if sheet else None}
     section = {
         "accounting": {"floor": FLOOR.description, "padded": PADDED.description,
                        "counted": "matmul FLOPs; bytes of weights + phase inputs/outputs + KV cache (ideal fusion)"},
@@ -82,9 +88,13 @@ def roofline_section(sel: Selection, params, ceilings: dict) -> tuple[dict, dict
                      "euler_steps": work.euler_steps},
         "weight_bytes_source": "sizes of the params on the device (a quantized leaf counts its stored arrays)",
         "weight_bytes_total": int(sum(weight_bytes.values())),
-        "rates": {"matmul_flops_per_s": rates.matmul_flops_per_s, "bytes_per_s": rates.bytes_per_s},
+        "rates": {"matmul_flops_per_s": rates.matmul_flops_per_s, "bytes_per_s": rates.bytes_per_s,
+                  "source": "measured on this card at the start of the run (ceilings)"},
+        "datasheet": {**datasheet, "meaning": "the card's datasheet figures, beside the measured rates; the floor "
+                                              "uses the measured ones"},
         "phases": phases,
         "total_floor_s": fl["total"]["floor_s"],
+        "datasheet_total_floor_s": sheet["total"]["floor_s"] if sheet else None,
     }
     return section, costs
 
@@ -125,10 +135,11 @@ def run_bench(sel: Selection, *, say, startup: bool = False, extra_args: list[st
         f"{ceilings['matmul']['flops_per_s'] / 1e12:.2f} TFLOP/s {sel.dtype} matmul")
     built = build(sel, say)
     in_use, _, mem_reason = hardware.bytes_in_use()
-    section, costs = roofline_section(sel, built.params, ceilings)
+    datasheet = hardware.datasheet_rates(info["device_kind"], DTYPES[sel.dtype])
+    section, costs = roofline_section(sel, built.params, ceilings, datasheet)
 
     results = []
-    for impl in resolve(",".join(sel.kernels), platform=sel.platform):
+    for impl in resolve(",".join(sel.kernels)):
         try:
             p = phased(impl, built.params, built.obs, sel.steps)
             r = run_implementation(p, built.obs, built.noise, runs=sel.runs, say=say)

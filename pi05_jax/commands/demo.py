@@ -9,7 +9,7 @@ import pathlib
 import statistics
 import time
 
-from pi05_jax.commands.common import KERNELS_HELP, Progress, formatter
+from pi05_jax.commands.common import Progress, add_implementation_args, formatter, resolve_implementation
 
 EPILOG = """\
 The checkpoint is cached under $PI05_CACHE (default ~/.cache/pi05_jax)/demo-<preset>; delete it to rebuild.
@@ -17,7 +17,7 @@ The checkpoint is cached under $PI05_CACHE (default ~/.cache/pi05_jax)/demo-<pre
 examples:
   pi05 demo                              tiny model on the CPU or GPU, a few seconds
   pi05 demo --preset full --runs 20      full-size pi0.5 (3.35B params) with random weights; wants a GPU
-  pi05 demo --kernels pallas             the fast path instead of the plain-JAX reference
+  pi05 demo --kernels reference          the plain-JAX reference instead of this platform's default
 """
 
 
@@ -25,9 +25,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="random-weight model on a synthetic observation: actions and timing",
                        description=__doc__, epilog=EPILOG, formatter_class=formatter())
     p.add_argument("--preset", default="tiny", choices=["tiny", "full"], help="architecture (default: %(default)s)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="default: %(default)s")
-    p.add_argument("--kernels", default="reference", metavar="NAME",
-                   help=f"implementation: {KERNELS_HELP} (default: %(default)s)")
+    add_implementation_args(p)
     p.add_argument("--views", type=int, default=2, help="valid camera views, 1..3 (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=60, help="valid prompt tokens (default: %(default)s)")
     p.add_argument("--num-steps", type=int, default=10, help="Euler steps (default: %(default)s)")
@@ -42,12 +40,16 @@ def cache_root() -> pathlib.Path:
 
 
 def ensure_demo_checkpoint(preset_name: str, directory: str | None, say) -> pathlib.Path:
+    from checkpoints.demo_tokenizer import write_demo_tokenizer
     from checkpoints.random_init import write_random_checkpoint
     from pi05_jax.config import preset
+    from pi05_jax.policy.prompt_tokenizer import CHECKPOINT_TOKENIZER
 
     path = pathlib.Path(directory) if directory else cache_root() / f"demo-{preset_name}"
     if (path / "params" / "_CHECKPOINT_METADATA").exists() or (path / "params" / "_METADATA").exists():
         say(f"using cached demo checkpoint {path}")
+        if not (path / CHECKPOINT_TOKENIZER).is_file():  # cached before demo checkpoints carried a tokenizer
+            write_demo_tokenizer(path, preset(preset_name).vocab_size)
         return path
     say(f"writing a random-weight {preset_name} checkpoint to {path} (once)")
     tmp = path.with_name(path.name + ".partial")
@@ -74,6 +76,7 @@ def run(args) -> int:
 
     say = Progress(args.quiet)
     say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    say(resolve_implementation(args))
     path = ensure_demo_checkpoint(args.preset, args.checkpoint_dir, say)
     t0 = time.perf_counter()
     model = Model.load(path, dtype=args.dtype, kernels=args.kernels, progress=say)

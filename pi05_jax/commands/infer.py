@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-from pi05_jax.commands.common import Progress, UsageError, add_model_args, formatter
+from pi05_jax.commands.common import Progress, UsageError, add_model_args, formatter, resolve_implementation
 
 EPILOG = """\
 The inputs file holds one or more cases laid out as `<case>/in/...`, like the shared reference files:
@@ -44,7 +44,9 @@ def register(sub) -> None:
                         "robot description JSON file)")
     p.add_argument("--norm-stats", default=None, metavar="ASSET_ID",
                    help="norm stats asset id under <checkpoint>/assets/ (default: the only one there)")
-    p.add_argument("--tokenizer", default=None, metavar="PATH", help="sentencepiece model (paligemma_tokenizer.model)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="sentencepiece model for --adapter (paligemma_tokenizer.model; default: "
+                        "<checkpoint>/tokenizer.model, else openpi's cache)")
     p.set_defaults(run=run)
 
 
@@ -78,11 +80,15 @@ def summarize(actions: np.ndarray) -> str:
 def run(args) -> int:
     from bridges.vision_bridge import apply_vision_args, check_vision_args
     from pi05_jax.observation import check_noise, observation_from_arrays
+    from pi05_jax.policy.prompt_tokenizer import find_tokenizer
     from pi05_jax.runtime import Model
 
     say = Progress(args.quiet)
+    say(resolve_implementation(args))
     check_vision_args(args)
     arrays = load_case(args.inputs, args.case)
+    if args.adapter:  # a raw case's prompt is tokenized: find the tokenizer before loading any weights
+        args.tokenizer = str(find_tokenizer(args.tokenizer, args.checkpoint))
     model = Model.load(args.checkpoint, dtype=args.dtype, kernels=args.kernels, progress=say)
     if apply_vision_args(args, model) != args.kernels:
         say(f"vision: {args.vision} engine(s) {args.vision_engine} (implementation {model.kernels})")

@@ -125,7 +125,7 @@ def run(args) -> int:
     sel = Selection.from_args(args)
     built = build(sel, say)
     summaries, failed = [], []
-    for impl in resolve(",".join(sel.kernels), platform=sel.platform):
+    for impl in resolve(",".join(sel.kernels)):
         try:
             s = profile_one(phased(impl, built.params, built.obs, sel.steps), built, trace_dir=args.trace_dir,
                             runs=sel.runs, top=args.top, say=say)

@@ -14,7 +14,7 @@ import pathlib
 import signal
 import sys
 
-from pi05_jax.commands.common import Progress, UsageError, add_model_args, formatter
+from pi05_jax.commands.common import Progress, UsageError, add_model_args, formatter, resolve_implementation
 
 EPILOG = """\
 The request keys depend on --adapter (docs/ROBOTS.md):
@@ -49,7 +49,8 @@ def register(sub) -> None:
     p.add_argument("--norm-stats", default=None, metavar="ASSET_ID",
                    help="norm stats asset id under <checkpoint>/assets/ (default: the only one there)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="sentencepiece model (paligemma_tokenizer.model; default: openpi's cache if present)")
+                   help="sentencepiece model (paligemma_tokenizer.model; default: <checkpoint>/tokenizer.model, "
+                        "else openpi's cache)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
@@ -61,6 +62,21 @@ def register(sub) -> None:
                    help="larger requests get an error frame (default: %(default)s)")
     p.add_argument("--workers", type=int, default=4, metavar="N",
                    help="threads decoding and transforming requests (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="dynamic batching: run up to N requests from different connections as one model call; "
+                        "executables for batch sizes 1, 2, 4, ... and N are compiled before the port opens "
+                        "(default: %(default)s, one request at a time)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
+                   help="how long a ready request waits for others to join its batch (only with --max-batch > 1; "
+                        "default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=32, metavar="N",
+                   help="requests waiting (being prepared or queued for the model) past which a new request gets "
+                        "a 'server busy' error frame at once (default: %(default)s)")
+    p.add_argument("--warm", choices=["all", "example"], default="all",
+                   help="what to compile before the port opens, for every batch size: 'all' = every prefix bucket "
+                        "any prompt length of this robot can need (no request ever compiles), 'example' = only the "
+                        "warm-up request's (faster start; other prompt lengths compile on first use) "
+                        "(default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -75,13 +91,21 @@ def _check_args(args) -> None:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key is empty")
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if not 0 <= args.batch_window_ms <= 1000:
+        raise UsageError(f"--batch-window-ms must be in 0..1000, got {args.batch_window_ms}")
+    if args.max_queue < 1:
+        raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
 
 
 def run(args) -> int:
     from bridges.vision_bridge import apply_vision_args, check_vision_args
     from checkpoints.openpi_io import read_config
     from pi05_jax.policy.pipeline import Policy, policy_parts
+    from pi05_jax.policy.prompt_tokenizer import find_tokenizer
     from pi05_jax.runtime import Model
+    from pi05_jax.serving.batching import PolicyRunner
     from pi05_jax.serving.server import PolicyServer, ServerConfig
 
     _check_args(args)
@@ -90,19 +114,29 @@ def run(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pi05_jax").setLevel(logging.WARNING if args.quiet else logging.INFO)
     say = Progress(args.quiet)
+    running = resolve_implementation(args)
     checkpoint = pathlib.Path(args.checkpoint).expanduser().resolve()
     parts = policy_parts(checkpoint, config=read_config(checkpoint), adapter=args.adapter,
-                         norm_stats=args.norm_stats, tokenizer=args.tokenizer)
+                         norm_stats=args.norm_stats, tokenizer=find_tokenizer(args.tokenizer, checkpoint))
     model = Model.load(checkpoint, dtype=args.dtype, kernels=args.kernels, progress=say)
     if apply_vision_args(args, model) != args.kernels:
         say(f"vision: {args.vision} engine(s) {args.vision_engine} (implementation {model.kernels})")
     policy = Policy(model=model, num_steps=args.num_steps, seed=args.seed, **parts)
     say(f"policy: adapter {policy.adapter.name}, norm stats {policy.norm_stats_path}, "
         f"tokenizer {policy.tokenizer.path}")
-    say(f"compiling and warming up ({args.kernels}, vision {args.vision}, {args.dtype}, {args.num_steps} steps)")
-    say(f"warm in {policy.warmup(progress=say):.1f} s")
-    server = PolicyServer(policy, ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                                               max_request_bytes=args.max_request_bytes, workers=args.workers))
+    runner = PolicyRunner(policy, max_batch=args.max_batch)
+    say(f"compiling and warming up ({running}; vision {args.vision}, {args.num_steps} steps, "
+        f"batch sizes {list(runner.sizes)})")
+    warm = runner.warmup(all_buckets=args.warm == "all", progress=say)
+    say(f"warm in {warm.seconds:.1f} s")
+    server = PolicyServer(runner, ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                                               max_request_bytes=args.max_request_bytes, workers=args.workers,
+                                               max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                                               max_queue=args.max_queue))
+    batching = (f"batching up to {args.max_batch} requests within {args.batch_window_ms:g} ms"
+                if args.max_batch > 1 else "one request per model call (--max-batch 1)")
+    print(f"pi05 serve: {running}; {batching}, queue bound {args.max_queue}; {warm.describe()}",
+          file=sys.stderr, flush=True)
 
     def ready(host, port):
         auth = "API key required" if args.api_key else "no API key"
@@ -121,6 +155,5 @@ def run(args) -> int:
         asyncio.run(main())
     except OSError as e:
         raise UsageError(f"cannot listen on {args.host}:{args.port} ({e})") from e
-    print(f"pi05 serve: stopped after {server.requests} replies ({server.errors} errors)", file=sys.stderr,
-          flush=True)
+    print(f"pi05 serve: stopped after {server.summary()}", file=sys.stderr, flush=True)
     return 0

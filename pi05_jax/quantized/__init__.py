@@ -1,7 +1,7 @@
 """Quantized weights that stand in for plain weight arrays in the model's matmuls.
 
 A quantized weight is a pytree dataclass with an `einsum(eqn, x) -> array in x.dtype` method;
-`pi05_jax.weights.weight_einsum` dispatches to it, and `lax.scan` slices its leaves per layer (the stacked depth
+`pi05_jax.model.weights.weight_einsum` dispatches to it, and `lax.scan` slices its leaves per layer (the stacked depth
 axis is first), so the model code (gemma.py, siglip.py, linear.py) is the same for float and quantized params.
 
 - `fp8_weight.Fp8Weight`: e4m3 values with a float32 scale per output channel; activations quantized to e4m3

@@ -27,12 +27,8 @@ Options (`Fp8Options`, set module-wide with `set_options(...)` / `with options(.
                "pallas":  pallas_kernels.fp8_matmul, Mosaic GPU wgmma;  "pallas_triton": its Triton lowering
   activations  "auto" (default): static when the weight carries a calibrated act_scale, else dynamic per token
                "dynamic" / "static" force one ("static" without a calibrated scale is an error)
-               "none": weight-only FP8: activations stay in their dtype, the e4m3 values are converted to it
-                       (exact: e4m3 fits in bfloat16) inside the GEMM and the channel scales multiply the
-                       float32 result (`weight_only_matmul`; any backend). Half the weight bytes of bfloat16,
-                       bfloat16 tensor-core math: for the memory-bound M = 50 denoise GEMMs.
   xla_form     "direct" (default): dot_general on the e4m3 arrays; "converted": on their exact bfloat16 converts
-               (the other pattern XLA's GEMM rewriter maps to the FP8 GEMM; scripts/gpu_fp8.py shows which does)
+               (the other pattern XLA's GEMM rewriter maps to the FP8 GEMM; docs/PERF.md says which it takes)
 Options are read when a function is traced: a jitted sampler compiled before `set_options` keeps its old choice.
 To switch after compiling, pass params from `with_options(params, backend=...)`: the choice is then static
 metadata of each weight's pytree node, so the new params compile their own executable.
@@ -54,7 +50,7 @@ from pi05_jax.quantized import QuantizationError
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 BACKENDS = ("auto", "emulate", "xla", "pallas", "pallas_triton")
-ACTIVATIONS = ("auto", "dynamic", "static", "none")
+ACTIVATIONS = ("auto", "dynamic", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,9 +303,6 @@ class Fp8Weight:
         lay = self.layout
         if lay.k_pad != lay.k:
             x2 = jnp.pad(x2, ((0, 0), (0, lay.k_pad - lay.k)))
-        if opts.activations == "none":
-            y = weight_only_matmul(x2, self.values, self.scales, out_dtype=x2.dtype)
-            return y if lay.n_pad == lay.n else y[:, : lay.n]
         static = opts.activations == "static" or (opts.activations == "auto" and self.act_scale is not None)
         if static and self.act_scale is None:
             raise QuantizationError(f"{self.name}: static activation scaling requested but the checkpoint has no "
@@ -351,15 +344,6 @@ def _stored_to_matrix(values, scales, layout: Fp8Layout, lead: int):
     values2 = layout.to_matrix(values, lead)
     scales2 = scales.reshape(*scales.shape[:lead], layout.n)
     return _pad_matrix(values2, scales2, layout, lead)
-
-
-def weight_only_matmul(x2, values, scales, *, out_dtype):
-    """x2 [M, K] @ (values [N, K] e4m3 * scales [N])^T with x2 unquantized: the values converted to x2's dtype
-    (exact), one GEMM with float32 accumulation, the channel scales on the float32 result. Written so XLA can fuse
-    the convert into its GEMM (reading one byte per weight)."""
-    y = jax.lax.dot_general(x2, values.astype(x2.dtype), (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return (y * scales[None, :]).astype(out_dtype)
 
 
 def quantize_activations(x2, act_scale=None):

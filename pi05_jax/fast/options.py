@@ -1,0 +1,40 @@
+"""The fast path's choices: which attention kernels, their tiles, and the prefix bucket. Everything else about the
+fast path is fixed (one layout, one forward pass); variants that lost on the card are in git history (docs/PERF.md
+names the tag)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
+from pallas_kernels.skinny_matmul import SkinnyBlockSizes
+from pi05_jax.fast.ops import ATTENTIONS
+from pi05_jax.fast.prefix import DEFAULT_BUCKET_SIZE
+
+# 128-key blocks in one pipeline stage: each program of a 128-key split loads its K and V tiles at once instead of in
+# two dependent 64-key steps (docs/PERF.md, session 4)
+DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes(block_k=128, num_stages=1)
+DEFAULT_PREFILL_ATTENTION_TILES = ragged_prefill_attention.BlockSizes()
+DEFAULT_GEGLU_TILES = SkinnyBlockSizes()
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPathOptions:
+    # "xla": XLA's masked attention and GEMMs (`compact`); "pallas": the Pallas ragged prefill attention, GQA
+    # cross-attention and the expert's GeGLU matmul (`pallas`)
+    attention: str = "xla"
+    prefill_attention_tiles: ragged_prefill_attention.BlockSizes = DEFAULT_PREFILL_ATTENTION_TILES
+    cross_attention_tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES
+    geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES
+    bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (pi05_jax.fast.prefix.DEFAULT_BUCKET_SIZE)
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.bucket_size < 1:
+            raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
+
+    @property
+    def transpose_expert_gating(self) -> bool:
+        """Whether the packed layout stores the expert's gating weight transposed (what the Pallas GeGLU reads)."""
+        return self.attention == "pallas"
