@@ -29,10 +29,10 @@ from pallas_kernels._interpret import resolve_interpret
 from pallas_kernels.ragged_prefill_attention import (
     MIN_TILE,
     REFERENCE_MASK_VALUE,
-    _is_power_of_2,
     attend_key_range,
     dot_precision,
     init_carry,
+    is_power_of_2,
     key_block_for,
     tile_for,
 )
@@ -57,7 +57,7 @@ class BlockSizes:
     def __post_init__(self):
         for name in ("block_rows", "block_k"):
             value = getattr(self, name)
-            if not (_is_power_of_2(value) and value >= MIN_TILE):
+            if not (is_power_of_2(value) and value >= MIN_TILE):
                 raise ValueError(f"BlockSizes.{name} must be a power of 2 >= {MIN_TILE}; got {value=}")
         if self.split_k < self.block_k or self.split_k % self.block_k:
             raise ValueError(f"BlockSizes.split_k must be a multiple of block_k; got {self.split_k=}, {self.block_k=}")
@@ -168,7 +168,7 @@ def gqa_cross_attention_packed(
     prefix_lengths = jnp.asarray(prefix_lengths)
     _check_packed_inputs(qkv, k_prefix, v_prefix, prefix_lengths)
     interpret = resolve_interpret(interpret)
-    if not interpret and not _is_power_of_2(qkv.shape[4]):
+    if not interpret and not is_power_of_2(qkv.shape[4]):
         raise ValueError(f"the Triton lowering needs a power-of-2 head dim; got {qkv.shape=}")
     return _gqa_cross_packed(qkv, k_prefix, v_prefix, prefix_lengths.astype(jnp.int32), block_sizes=block_sizes,
                              interpret=interpret)

@@ -38,7 +38,7 @@ MIN_TILE = 16  # smallest dot dimension the Triton lowering accepts
 FLOAT32_MAX_BLOCK_K = 16
 
 
-def _is_power_of_2(x: int) -> bool:
+def is_power_of_2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
@@ -73,7 +73,7 @@ class BlockSizes:
     def __post_init__(self):
         for name in ("block_rows", "block_k"):
             value = getattr(self, name)
-            if not (_is_power_of_2(value) and value >= MIN_TILE):
+            if not (is_power_of_2(value) and value >= MIN_TILE):
                 raise ValueError(f"BlockSizes.{name} must be a power of 2 >= {MIN_TILE}; got {value=}")
         if self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"BlockSizes needs num_warps, num_stages >= 1; got {self.num_warps=}, {self.num_stages=}")
@@ -198,7 +198,7 @@ def ragged_prefill_attention(
     lengths = jnp.asarray(lengths)
     _check_inputs(q, k, v, lengths)
     interpret = resolve_interpret(interpret)
-    if not interpret and not _is_power_of_2(q.shape[3]):
+    if not interpret and not is_power_of_2(q.shape[3]):
         raise ValueError(f"the Triton lowering needs a power-of-2 head dim; got {q.shape=}")
     return _ragged_prefill(q, k, v, lengths.astype(jnp.int32), block_sizes=block_sizes, interpret=interpret)
 

@@ -248,3 +248,27 @@ def test_a_failing_row_fails_alone_and_a_failing_batch_does_not_stop_the_loop():
     assert isinstance(first[1], ValueError) and "row fail failed" in str(first[1])
     assert all(isinstance(o, RuntimeError) and "fell over" in str(o) for o in second)
     assert third[0].reply == {"row": "d"}
+
+
+@pytest.mark.parametrize("idle", [0, 1])
+def test_the_window_is_skipped_only_when_no_other_client_could_join(idle):
+    """With every connected client's request already in (idle clients 0) a batch starts at once; with one client
+    that could still send, the first request waits out the window for it."""
+    record = Recorder()
+    window_s = 0.4
+
+    async def main():
+        batcher = Batcher(record, max_batch=4, window_s=window_s, max_queue=16, idle_clients=lambda: idle)
+        batcher.start()
+        t0 = asyncio.get_running_loop().time()
+        out = await _submit_all(batcher, ["a"])
+        waited = asyncio.get_running_loop().time() - t0
+        await batcher.stop()
+        return out, waited
+
+    out, waited = run_async(main())
+    assert out[0].reply == {"row": "a"}
+    if idle:
+        assert waited >= 0.9 * window_s
+    else:
+        assert waited < 0.5 * window_s

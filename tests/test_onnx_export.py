@@ -15,11 +15,11 @@ from pi05_jax.model import siglip
 from tests.conftest import cosine, rel_err
 
 # Relative error of the exported graph against our JAX SigLIP run in float32, keyed by the graph's precision.
-# fp32: the same float32 arithmetic, rounding only (issue 9 asks <= 1e-4). fp16: a float16 transformer body
+# fp32: the same float32 arithmetic, rounding only (measured ~4e-7). fp16: a float16 transformer body
 # carries ~1e-3 relative rounding per op (eps 9.8e-4) and its output is stored in float16; 5e-3 bounds that.
 # fp8: e4m3 keeps 3 mantissa bits, so every quantized matmul operand carries up to 2^-4 relative rounding (RMS
 # ~2^-4/sqrt(3) = 3.6%); 0.1 bounds that through the blocks, and cosine >= 0.99 checks the direction.
-TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "fp8": 0.1}
+TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3, "fp8": 0.1}
 FP8_MIN_COSINE = 0.99
 CASE = "batch2_mixed"  # batch 2, all three view slots: 6 distinct images with upstream's tokens for each
 

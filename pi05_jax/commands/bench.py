@@ -15,7 +15,9 @@ EPILOG = """\
 Without --checkpoint the weights are random (real architecture, never zeros; nothing is written to disk) and
 the inputs synthetic: speed does not depend on weight values. Timings are warm runs with block_until_ready.
 The floor counts valid tokens only (valid views x 256 + prompt tokens) and is max(FLOPs / matmul rate,
-bytes / copy bandwidth) per phase, with both ceilings measured at the start of the run.
+bytes / copy bandwidth) per phase, with both ceilings measured at the start of the run (the copy: a plain
+device-to-device copy of a multi-GiB buffer, read + write bytes); the card's datasheet figures, where its
+device_kind is known, are shown beside them with the floor they would give.
 
 examples:
   pi05 bench --preset tiny --runs 5                               quick check on the CPU

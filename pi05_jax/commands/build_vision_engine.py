@@ -109,7 +109,7 @@ def run(args) -> int:
     try:
         from bridges import onnx_export
     except ModuleNotFoundError as e:
-        raise UsageError(f"exporting ONNX needs the `onnx` package ({e}): pip install 'onnx>=1.16'") from e
+        raise UsageError(f"exporting ONNX needs the `onnx` extra ({e}): pip install -e '.[onnx]'") from e
     calibration = load_calibration(args.calibration) if args.precision == "fp8" else None
     say(f"exporting SigLIP ({spec.depth} layers, width {spec.width}) to ONNX, {args.precision}, "
         f"{args.views} images")

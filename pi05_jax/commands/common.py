@@ -30,15 +30,12 @@ KERNELS_HELP = ("'reference' (plain JAX, upstream-exact), 'compact' (valid views
 
 
 # --help text for the platform defaults (pi05_jax.implementations.default_kernels picks the implementation,
-# default_dtype below the dtype). Measured on the CPU (2 cores, the tiny checkpoint, batch 1, 2 views + 60-token
-# prompt, 10 steps, warm median): reference float32 221 ms, reference bfloat16 411 ms, compact float32 63-77 ms,
-# compact bfloat16 109 ms, pallas float32 232 ms (its kernels run in interpret mode there); first call (compile +
-# run) 2.9-3.7 s for each.
+# default_dtype below the dtype); the CPU measurement behind them is in docs/PERF.md ("CPU defaults").
 DEFAULTS_HELP = {
     "kernels": "default: the fastest implementation tested for parity on this platform: 'pallas' on a GPU; on the "
-               "CPU 'compact' (~3x faster than reference there; pallas's kernels run in interpret mode on CPUs)",
-    "dtype": "default: bfloat16 on a GPU (what openpi serves with), float32 on the CPU (CPUs emulate bfloat16: "
-             "it is slower there, not faster)",
+               "CPU 'compact' (2.5-3x faster than reference there; pallas's kernels run in interpret mode on CPUs)",
+    "dtype": "default: bfloat16 on a GPU (what openpi serves with), float32 on the CPU (CPUs emulate bfloat16: no "
+             "faster there, 1.3-1.5x slower to compile, and float32 matches upstream's float32 outputs)",
 }
 
 
@@ -75,7 +72,8 @@ def resolve_implementation(args) -> str:
         parts.append(f"implementation {args.kernels} (--kernels)")
     if args.dtype is None:
         args.dtype = default_dtype(platform)
-        why = "CPUs emulate bfloat16, float32 is faster" if platform == "cpu" else "what openpi serves with"
+        why = ("CPUs emulate bfloat16: no faster, slower to compile" if platform == "cpu"
+               else "what openpi serves with")
         parts.append(f"dtype {args.dtype} (default on {platform}: {why})")
     else:
         parts.append(f"dtype {args.dtype} (--dtype)")

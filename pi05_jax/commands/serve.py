@@ -24,12 +24,19 @@ The request keys depend on --adapter (docs/ROBOTS.md):
   FILE.json  your robot's description (key mapping, which cameras exist, action dims)
 A request may add "noise" float32 [50, 32] (horizon, model action dim) to fix the sampling noise.
 Errors come back as a text frame (the openpi client raises them) and the connection stays usable.
+Each reply's server_timing holds infer_ms, queue_ms and batch_size (docs/ROBOTS.md); GET /stats answers counters,
+batch sizes and memory as JSON. Past --max-queue waiting requests a request gets "server busy" at once.
+
+By default a GPU runs 'pallas' in bfloat16 and the CPU 'compact' in float32 (see --kernels, --dtype); the startup
+line says which run and why, the batch sizes compiled, what is warm and each size's warm latency.
 
 examples:
   pi05 serve --checkpoint ckpt/pi05_libero --adapter libero --norm-stats physical-intelligence/libero \\
       --tokenizer ~/.cache/openpi/big_vision/paligemma_tokenizer.model
   pi05 serve --checkpoint ckpt/ --adapter my_robot.json --host 0.0.0.0 --port 8000 --api-key "$PI05_API_KEY"
   pi05 serve --checkpoint ckpt/ --adapter libero --vision tensorrt --vision-engine siglip_v2.plan,siglip_v3.plan
+  pi05 serve --checkpoint ckpt/ --adapter libero --max-batch 8 --batch-window-ms 3   # a fleet on one GPU
+  pi05 loadtest --port 8000 --clients 8 --rate 5 --duration 60                        # then load it
   curl http://127.0.0.1:8000/healthz
 
   python -c "from openpi_client.websocket_client_policy import WebsocketClientPolicy as P; \\
@@ -68,7 +75,7 @@ def register(sub) -> None:
                         "(default: %(default)s, one request at a time)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
                    help="how long a ready request waits for others to join its batch (only with --max-batch > 1; "
-                        "default: %(default)s)")
+                        "skipped when every connected client already has its request in; default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=32, metavar="N",
                    help="requests waiting (being prepared or queued for the model) past which a new request gets "
                         "a 'server busy' error frame at once (default: %(default)s)")

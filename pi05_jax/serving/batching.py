@@ -7,8 +7,9 @@ Two parts:
     copies of the batch's first row: they change neither the batch's executable plan (the fast paths' plan is the
     max over rows of valid views and prefix length) nor any real row's numbers, and they never reach a reply.
   - `Batcher` (event loop side): a bounded queue of prepared rows and one loop that takes the first waiting row,
-    waits up to the batch window for more (never longer than the window after that row was ready), and runs the
-    batch in the single model thread. While a batch runs, arriving rows queue up and form the next one.
+    waits up to the batch window for more (never longer than the window after that row was ready, and not at all
+    when every connected client already has its request in), and runs the batch in the single model thread.
+    While a batch runs, arriving rows queue up and form the next one.
 
 Each row keeps its own views, prompt and noise: the batch axis is independent in every implementation (masked
 rows and tokens are skipped exactly), so a batched row gets the actions it would get alone with the same noise.
@@ -231,11 +232,13 @@ class Batcher:
     `max_queue`. Only the event loop's thread touches it."""
 
     def __init__(self, run: Callable[[list[Row]], list], *, max_batch: int, window_s: float, max_queue: int,
-                 sizes: tuple[int, ...] | None = None):
+                 sizes: tuple[int, ...] | None = None, idle_clients: Callable[[], int] | None = None):
         if max_batch < 1 or max_queue < 1 or window_s < 0:
             raise ValueError(f"need max_batch >= 1, max_queue >= 1, window >= 0; got {max_batch}, {max_queue}, "
                              f"{window_s}")
         self._run = run
+        # how many connected clients have no request in the server (they could still join a batch); None: unknown
+        self._idle_clients = idle_clients
         self.max_batch = max_batch
         self.window_s = window_s
         self.max_queue = max_queue
@@ -281,6 +284,13 @@ class Batcher:
         self._queue.put_nowait(item)
         return await item.future
 
+    def _nobody_else(self, collected: int) -> bool:
+        """No request can join this batch within its window: none is being prepared or queued beyond the rows
+        collected, and every connected client already has its request in (openpi clients send one at a time)."""
+        if self._idle_clients is None:
+            return False
+        return self.waiting - collected <= 0 and self._idle_clients() <= 0
+
     async def _collect(self) -> list[_Item]:
         first = await self._queue.get()
         batch = [first]
@@ -290,7 +300,7 @@ class Batcher:
                 batch.append(self._queue.get_nowait())
                 continue
             timeout = deadline - time.monotonic()
-            if timeout <= 0:
+            if timeout <= 0 or self._nobody_else(len(batch)):
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), timeout))

@@ -103,7 +103,10 @@ class PolicyServer:
                                                            thread_name_prefix="pi05-prepare")
         self._metadata = wire.pack(runner.metadata)
         self.batcher = Batcher(runner.run, max_batch=config.max_batch, window_s=config.batch_window_ms / 1e3,
-                               max_queue=config.max_queue, sizes=getattr(runner, "sizes", None))
+                               max_queue=config.max_queue, sizes=getattr(runner, "sizes", None),
+                               idle_clients=lambda: self._connections - self._answering)
+        self._connections = 0  # open websocket connections
+        self._answering = 0  # requests between receipt and reply
         self.requests = 0
         self.errors = 0
         self.busy = 0
@@ -170,6 +173,13 @@ class PolicyServer:
 
     async def _answer(self, message, alive: Callable[[], bool]) -> dict | str:
         """The response map, or the text of an error frame."""
+        self._answering += 1
+        try:
+            return await self._answer_one(message, alive)
+        finally:
+            self._answering -= 1
+
+    async def _answer_one(self, message, alive: Callable[[], bool]) -> dict | str:
         t0 = time.monotonic()
         try:
             self.batcher.admit()
@@ -214,6 +224,7 @@ class PolicyServer:
         def alive() -> bool:
             return websocket.state is State.OPEN
 
+        self._connections += 1
         try:
             await websocket.send(self._metadata)
             prev_total = None
@@ -235,6 +246,8 @@ class PolicyServer:
                 prev_total = time.monotonic() - t0
         except websockets.ConnectionClosed as e:
             log.info("connection from %s closed (%s)", peer, e.rcvd.code if e.rcvd else "no close frame")
+        finally:
+            self._connections -= 1
 
     # ---- lifecycle ----
     async def serve(self, stop: asyncio.Event, ready: Callable[[str, int], None] | None = None) -> None:
