@@ -36,6 +36,7 @@ examples:
   pi05 serve --checkpoint ckpt/ --adapter my_robot.json --host 0.0.0.0 --port 8000 --api-key "$PI05_API_KEY"
   pi05 serve --checkpoint ckpt/ --adapter libero --vision tensorrt --vision-engine siglip_v2.plan,siglip_v3.plan
   pi05 serve --checkpoint ckpt/ --adapter libero --max-batch 8 --batch-window-ms 3   # a fleet on one GPU
+  pi05 serve --checkpoint ckpt/ --adapter libero --devices all --max-batch 64         # 8 GPUs, 8 rows each
   pi05 loadtest --port 8000 --clients 8 --rate 5 --duration 60                        # then load it
   curl http://127.0.0.1:8000/healthz
 
@@ -79,6 +80,12 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=32, metavar="N",
                    help="requests waiting (being prepared or queued for the model) past which a new request gets "
                         "a 'server busy' error frame at once (default: %(default)s)")
+    p.add_argument("--devices", default="1", metavar="all|N",
+                   help="data parallel over this many local devices ('all': every one JAX sees): the weights "
+                        "replicated on each, every model call's batch sharded over them, each device running the "
+                        "one-device program on its rows; the compiled batch sizes become N x 1, 2, 4, ... up to "
+                        "ceil(--max-batch / N) per device, so give --max-batch >= N (default: %(default)s, one "
+                        "device)")
     p.add_argument("--warm", choices=["all", "example"], default="all",
                    help="what to compile before the port opens, for every batch size: 'all' = every prefix bucket "
                         "any prompt length of this robot can need (no request ever compiles), 'example' = only the "
@@ -104,11 +111,28 @@ def _check_args(args) -> None:
         raise UsageError(f"--batch-window-ms must be in 0..1000, got {args.batch_window_ms}")
     if args.max_queue < 1:
         raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
+    text = str(args.devices).strip().lower()
+    if text != "all" and not (text.isdigit() and int(text) >= 1):
+        raise UsageError(f"--devices must be 'all' or a device count >= 1, got {args.devices!r}")
+
+
+def devices_line(runner) -> str:
+    """What the startup line says about devices: how many, and the batch each one runs per compiled size."""
+    model = runner.model
+    if model.mesh is None:
+        return "1 device"
+    n = runner.devices
+    text = (f"{model.mesh.describe()}, data parallel (weights replicated, batch sharded): per-device batch "
+            f"{[s // n for s in runner.sizes]} of compiled batch {list(runner.sizes)}")
+    if runner.max_batch < n:
+        text += f" (--max-batch {runner.max_batch} < {n} devices: some devices run only padding rows)"
+    return text
 
 
 def run(args) -> int:
     from bridges.vision_bridge import apply_vision_args, check_vision_args
     from checkpoints.openpi_io import read_config
+    from pi05_jax.devices import DevicesError, parse_devices
     from pi05_jax.policy.pipeline import Policy, policy_parts
     from pi05_jax.policy.prompt_tokenizer import find_tokenizer
     from pi05_jax.runtime import Model
@@ -122,10 +146,17 @@ def run(args) -> int:
     logging.getLogger("pi05_jax").setLevel(logging.WARNING if args.quiet else logging.INFO)
     say = Progress(args.quiet)
     running = resolve_implementation(args)
+    try:
+        devices = parse_devices(args.devices)
+    except DevicesError as e:
+        raise UsageError(f"--devices: {e}") from e
+    if devices > 1 and args.vision != "xla":
+        raise UsageError(f"--vision {args.vision} runs its engine on one GPU; it cannot be combined with "
+                         f"--devices {args.devices} ({devices} devices): use --vision xla, or --devices 1")
     checkpoint = pathlib.Path(args.checkpoint).expanduser().resolve()
     parts = policy_parts(checkpoint, config=read_config(checkpoint), adapter=args.adapter,
                          norm_stats=args.norm_stats, tokenizer=find_tokenizer(args.tokenizer, checkpoint))
-    model = Model.load(checkpoint, dtype=args.dtype, kernels=args.kernels, progress=say)
+    model = Model.load(checkpoint, dtype=args.dtype, kernels=args.kernels, progress=say, devices=devices)
     if apply_vision_args(args, model) != args.kernels:
         say(f"vision: {args.vision} engine(s) {args.vision_engine} (implementation {model.kernels})")
     policy = Policy(model=model, num_steps=args.num_steps, seed=args.seed, **parts)
@@ -133,7 +164,7 @@ def run(args) -> int:
         f"tokenizer {policy.tokenizer.path}")
     runner = PolicyRunner(policy, max_batch=args.max_batch)
     say(f"compiling and warming up ({running}; vision {args.vision}, {args.num_steps} steps, "
-        f"batch sizes {list(runner.sizes)})")
+        f"batch sizes {list(runner.sizes)}, {devices_line(runner)})")
     warm = runner.warmup(all_buckets=args.warm == "all", progress=say)
     say(f"warm in {warm.seconds:.1f} s")
     server = PolicyServer(runner, ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
@@ -142,8 +173,8 @@ def run(args) -> int:
                                                max_queue=args.max_queue))
     batching = (f"batching up to {args.max_batch} requests within {args.batch_window_ms:g} ms"
                 if args.max_batch > 1 else "one request per model call (--max-batch 1)")
-    print(f"pi05 serve: {running}; {batching}, queue bound {args.max_queue}; {warm.describe()}",
-          file=sys.stderr, flush=True)
+    print(f"pi05 serve: {running}; {batching}, queue bound {args.max_queue}; {devices_line(runner)}; "
+          f"{warm.describe()}", file=sys.stderr, flush=True)
 
     def ready(host, port):
         auth = "API key required" if args.api_key else "no API key"

@@ -3,7 +3,8 @@
 Two parts:
   - `PolicyRunner` wraps a `pipeline.Policy`: `prepare` turns one raw request into a validated model row (worker
     threads, in parallel), `run` stacks rows into one batch, pads it up to the next batch size the server compiled
-    (1, 2, 4, ... up to --max-batch), runs the model once and hands back each real row's actions. Padding rows are
+    (1, 2, 4, ... up to --max-batch; with --devices N, N times the per-device sizes 1, 2, 4, ..., the batch then
+    sharded over the N devices), runs the model once and hands back each real row's actions. Padding rows are
     copies of the batch's first row: they change neither the batch's executable plan (the fast paths' plan is the
     max over rows of valid views and prefix length) nor any real row's numbers, and they never reach a reply.
   - `Batcher` (event loop side): a bounded queue of prepared rows and one loop that takes the first waiting row,
@@ -34,15 +35,20 @@ from pi05_jax.observation import Observation, check_noise, concat_observations, 
 log = logging.getLogger(__name__)
 
 
-def batch_sizes(max_batch: int) -> tuple[int, ...]:
-    """The batch sizes a server with this --max-batch compiles: powers of two below it, and max_batch itself."""
+def batch_sizes(max_batch: int, devices: int = 1) -> tuple[int, ...]:
+    """The batch sizes a server with this --max-batch compiles: powers of two below it, and max_batch itself.
+    Over `devices` > 1 (the batch sharded over them) every size is a multiple of the device count: `devices` x the
+    per-device sizes 1, 2, 4, ... up to ceil(max_batch / devices)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    per_device = -(-max_batch // devices)
     sizes, n = [], 1
-    while n < max_batch:
+    while n < per_device:
         sizes.append(n)
         n *= 2
-    return (*sizes, max_batch)
+    return tuple(devices * s for s in (*sizes, per_device))
 
 
 def executable_batch(rows: int, sizes: tuple[int, ...]) -> int:
@@ -92,13 +98,15 @@ class PolicyRunner:
         self.policy = policy
         self.model = policy.model
         self.config = policy.model.config
-        self.sizes = batch_sizes(max_batch)
+        self.devices = getattr(self.model, "devices", 1)  # the batch of each call is sharded over these
+        self.sizes = batch_sizes(max_batch, self.devices)
         self.max_batch = max_batch
         self.compiles_since_warmup: int | None = None  # XLA compilations in this process after `warmup`
         example = policy.example_request()
         self.metadata = {
             **policy.metadata,
             "max_batch": max_batch,
+            "devices": self.devices,
             # lets a load generator build valid requests for any robot: raw key -> [shape, dtype]
             "request_shapes": {k: [list(np.shape(v)), np.asarray(v).dtype.str] for k, v in example.items()},
         }

@@ -135,6 +135,7 @@ class PolicyServer:
         return {
             "requests": self.requests, "errors": self.errors, "busy": self.busy, "dropped": self.batcher.dropped,
             "waiting": self.batcher.waiting,
+            "devices": getattr(self.runner, "devices", 1),  # local devices each batch is sharded over
             "batches": {str(n): c for n, c in sorted(self.batcher.batches.items())},
             "device_memory": device_memory(), "rss_bytes": resident_bytes(),
             # requests that waited on a compile show here (None: the runner does not count them)
