@@ -84,11 +84,11 @@ class Fp4MatmulBlockSizes:
 
 
 def default_block_sizes(m: int, k: int, n: int, g: int = 1, x_dtype=jnp.bfloat16) -> Fp4MatmulBlockSizes:
-    """Tiles measured on the H100 (scripts/gpu_fp4.py, docs/PERF.md, 2026-11-26).
+    """Tiles measured on the H100 (docs/PERF.md, "FP4 expert MLPs", 2026-11-26).
 
     M <= 128 (denoise): one row block, 64-wide N tiles, and K split until there are >= 128 programs with >= 2
-    pipelined K steps each: the expert's gate/up (K=1024, N=4096, G=2) -> 128 programs, no split, 24.8 us/layer
-    (1.33x bf16); down (K=4096, N=1024) -> 8 K splits, 21.8 us (the 128-wide tiles measured 24.6-32.6 / 24.8 us).
+    pipelined K steps each: the expert's gate/up (K=1024, N=4096, G=2) -> 128 programs, no split; down (K=4096,
+    N=1024) -> 8 K splits (the 128-wide tiles measured slower).
     Larger M (prefill): 128 x 128 tiles. bfloat16 activations use the "f16" dequant, float32 ones "f32"."""
     dequant = "f16" if jnp.dtype(x_dtype) == jnp.bfloat16 else "f32"
     if m > 128:

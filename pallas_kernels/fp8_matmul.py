@@ -7,7 +7,7 @@ Operands: x_q e4m3 [M, K] row-major; w_q e4m3 [N, K] "K-major" (the layout FP8 w
 need for the right-hand operand; `pi05_jax.quantized.fp8_weight.Fp8Weight` stores weights this way);
 x_scale float32 [M] (one per token, or a scalar broadcast for a static per-tensor scale); w_scale float32 [N].
 
-Three implementations of the same math, so `scripts/gpu_fp8.py` can time them per shape class:
+Three implementations of the same math, to time per shape class (this module's `main()`):
 - `fp8_matmul(..., backend="mosaic")`: a Mosaic GPU kernel (the Hopper path): grid over (M, N, K-split) tiles,
   a TMA pipeline over K feeding wgmma with both e4m3 operands from swizzled SMEM (the weight tile transposed in
   SMEM so K is its fastest axis, as 8-bit wgmma requires), the fp32 accumulator scaled by the row and column
@@ -65,7 +65,7 @@ class Fp8MatmulBlockSizes:
 # their K-split partials in float32, so the default tiles split K until one accumulator sums at most this many.
 MAX_K_PER_ACCUMULATOR = 4096
 
-# (m_bucket, n, k) -> block sizes measured best on the H100 by scripts/gpu_fp8.py; m_bucket = M padded to 64.
+# (m_bucket, n, k) -> block sizes measured best on a card (this module's `main()`); m_bucket = M padded to 64.
 # Empty until the measurement fills it; `default_block_sizes` is the fallback.
 TUNED: dict[tuple[int, int, int], Fp8MatmulBlockSizes] = {}
 

@@ -3,11 +3,12 @@
 Axis legend: M rows (tokens), K contracted (width), F mlp dim (output columns).
 
 At M = 50 the expert's GEMMs read their weights for 0.1% of the tensor cores' work: they are bound by how fast the
-programs stream weights, and XLA's GEMMs reach 1.0-1.5 TB/s there (docs/PERF.md). A weight stored as openpi keeps
+programs stream weights (docs/PERF.md has XLA's GEMMs' figures there). A weight stored as openpi keeps
 it, [K, F], gives each program a [block_k, block_n] tile made of block_k row segments of block_n * 2 bytes, each from
 another DRAM page. Stored transposed, [F, K], the block_n columns a program owns are one contiguous slab
-(block_n * K * 2 bytes), streamed front to back over its K loop. (That is our reading of why this kernel reaches
-2.1 TB/s where XLA's GEMM on the [K, F] weight reaches 1.35; the layout was not isolated as the only cause.)
+(block_n * K * 2 bytes), streamed front to back over its K loop. (That is our reading of why this kernel streams
+faster than XLA's GEMM on the [K, F] weight, docs/PERF.md session 3; the layout was not isolated as the only
+cause.)
 
 `geglu_matmul(x, w_t)`: gelu_tanh(x @ w_t[0]^T) * (x @ w_t[1]^T) for openpi's gating_einsum stored as [2, F, K]
 (upstream's rounding: each product rounded to x's dtype before the GeGLU, which runs in float32); no K split (the

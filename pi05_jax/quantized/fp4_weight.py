@@ -15,8 +15,7 @@ is where both MLP weights keep it: `gating_einsum` [L, C=2, D, F] (contracted D)
 "<x>K,CKN->C<x>N" form): on a GPU through `pallas_kernels.fp4_matmul` (bytes read: a quarter of bf16's), elsewhere
 by dequantizing to x's dtype and calling `jnp.einsum` (`backend` overrides the choice). Other equations fall back
 to dequantize + einsum. `block_sizes` (static) picks the kernel's tiles and dequant variant; None uses
-`pallas_kernels.fp4_matmul.default_block_sizes` for the call's shape (`with_options` sets them tree-wide, e.g. to
-what scripts/gpu_fp4.py measured fastest).
+`pallas_kernels.fp4_matmul.default_block_sizes` for the call's shape (`with_options` sets them tree-wide).
 
 `quantize_params_fp4(params, scope)` swaps the action expert's MLP weights (scope "expert") or also the prefix
 LLM's ("expert+prefill") for `Fp4Weight`s; `params_to_arrays` / `params_from_arrays` turn those leaves into plain

@@ -16,7 +16,7 @@ calibrated per-tensor scale per layer (`act_scale`, written by `pi05 quantize --
 clipped. Then y[m, n] = (x_q @ values^T)[m, n] * x_scale[m] * scales[n] with fp32 accumulation.
 Dynamic is the default: on the shared reference cases (CPU) both pass the gates with the same cosine to 1e-5, and
 static scales calibrated on one case are slightly worse on held-out cases (MSE +10-15%), need calibration data,
-and clip what the calibration did not see; their speed difference (one row max) is measured by scripts/gpu_fp8.py.
+and clip what the calibration did not see; their speed difference (one row max) is not measured yet.
 
 Options (`Fp8Options`, set module-wide with `set_options(...)` / `with options(...)`, or per weight with
 `with_options(params, ...)`):
