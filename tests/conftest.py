@@ -97,6 +97,23 @@ def as_f32(x) -> np.ndarray:
     return np.asarray(jnp.asarray(x, jnp.float32))
 
 
+KERNEL_F32_REL_ERR = 1e-5  # a kernel vs its plain-JAX reference in float32: rounding only
+KERNEL_BF16_COSINE = 0.99999
+
+
+def assert_kernel_matches(got, want, dtype, *, bf16_tol: dict):
+    """A kernel's output against its reference: float32 relative (Frobenius) error <= KERNEL_F32_REL_ERR; bfloat16
+    cosine >= KERNEL_BF16_COSINE and every element within `bf16_tol` (numpy's rtol / atol)."""
+    got, want = as_f32(got), as_f32(want)
+    if dtype == jnp.float32:
+        err = rel_err(got, want)
+        assert err <= KERNEL_F32_REL_ERR, f"float32 relative error {err:.3g} > {KERNEL_F32_REL_ERR}"
+    else:
+        cos = cosine(got, want)
+        assert cos >= KERNEL_BF16_COSINE, f"bfloat16 cosine {cos:.7f} < {KERNEL_BF16_COSINE}"
+        np.testing.assert_allclose(got, want, **bf16_tol)
+
+
 @pytest.fixture
 def hopper(monkeypatch):
     """Make the Pallas Triton registration see an sm_90 GPU (only the capability query is replaced), so kernels

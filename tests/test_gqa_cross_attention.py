@@ -23,7 +23,7 @@ from pallas_kernels.gqa_cross_attention import (
     unpack_qkv,
 )
 from pi05_jax.model import gemma
-from tests.conftest import as_f32, cosine, rel_err
+from tests.conftest import as_f32, assert_kernel_matches
 
 # The Triton lowering tests trace the deprecated-but-working Pallas Triton backend (see docs/design.md).
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -31,8 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 # Kernel vs reference. float32: exact dots; only the summation order (and the split combine) differs, so the
 # relative (Frobenius) error gates at 1e-5. bfloat16: the probabilities are rounded to bf16 in different places
 # (unnormalized per split vs the normalized softmax): cosine >= 0.99999 and every element within two bf16 ulps.
-F32_REL_ERR = 1e-5
-BF16_COSINE = 0.99999
 BF16_TOL = dict(rtol=2 * 2**-7, atol=2 * 2**-7)
 UPSTREAM_TOL = {
     jnp.float32: dict(rtol=1e-6, atol=1e-6),
@@ -63,13 +61,7 @@ def make_packed(batch, slots, heads, kv_heads, head_dim, dtype, tokens=ACTIONS, 
 
 
 def assert_matches(out, ref, dtype):
-    if dtype == jnp.float32:
-        err = rel_err(as_f32(out), as_f32(ref))
-        assert err <= F32_REL_ERR, f"float32 relative error {err:.3g} > {F32_REL_ERR}"
-    else:
-        cos = cosine(as_f32(out), as_f32(ref))
-        assert cos >= BF16_COSINE, f"bfloat16 cosine {cos:.7f} < {BF16_COSINE}"
-        np.testing.assert_allclose(as_f32(out), as_f32(ref), **BF16_TOL)
+    assert_kernel_matches(out, ref, dtype, bf16_tol=BF16_TOL)
 
 
 def check_packed(shape, lengths, dtype, block_sizes=DEFAULT, tokens=ACTIONS, seed=0):

@@ -17,7 +17,7 @@ from pallas_kernels.ragged_prefill_attention import (
     ragged_prefill_attention_reference,
 )
 from pi05_jax.model import gemma
-from tests.conftest import as_f32, cosine, rel_err
+from tests.conftest import as_f32, assert_kernel_matches
 
 # The Triton lowering tests trace the deprecated-but-working Pallas Triton backend (see docs/design.md).
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -25,8 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 # Kernel vs reference: float32 differs only in summation order, so the relative (Frobenius) error gates at 1e-5;
 # bfloat16 in where probabilities are rounded to bf16 (the kernel rounds unnormalized exp, the reference normalized
 # softmax): cosine >= 0.99999 and every element within two bf16 ulps (eps 2**-7).
-F32_REL_ERR = 1e-5
-BF16_COSINE = 0.99999
 BF16_TOL = dict(rtol=2 * 2**-7, atol=2 * 2**-7)
 # Reference vs upstream's masked attention: the same math on valid rows, so only compilation-level differences.
 UPSTREAM_TOL = {
@@ -47,13 +45,7 @@ def make_inputs(batch, seq, heads, kv_heads, head_dim, dtype, seed=0):
 
 
 def assert_matches(out, ref, dtype):
-    if dtype == jnp.float32:
-        err = rel_err(as_f32(out), as_f32(ref))
-        assert err <= F32_REL_ERR, f"float32 relative error {err:.3g} > {F32_REL_ERR}"
-    else:
-        cos = cosine(as_f32(out), as_f32(ref))
-        assert cos >= BF16_COSINE, f"bfloat16 cosine {cos:.7f} < {BF16_COSINE}"
-        np.testing.assert_allclose(as_f32(out), as_f32(ref), **BF16_TOL)
+    assert_kernel_matches(out, ref, dtype, bf16_tol=BF16_TOL)
 
 
 def check_against_reference(shape, lengths, dtype, block_sizes=None, seed=0):

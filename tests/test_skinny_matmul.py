@@ -17,7 +17,7 @@ from pallas_kernels.skinny_matmul import (
     geglu_matmul_reference,
 )
 from pi05_jax.model import gemma
-from tests.conftest import as_f32, cosine, matmul_operands, rel_err
+from tests.conftest import as_f32, assert_kernel_matches, matmul_operands
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -25,8 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 # bfloat16: the float32 sums agree to ~1e-6 relative, but the GeGLU's inputs are rounded to bf16 (as upstream rounds
 # each einsum): a sum sitting on a rounding boundary may round the other way, one bf16 ulp (2**-8 relative) of that
 # input; the output is bf16 too. Cosine >= 0.99999 and every element within two bf16 ulps.
-F32_REL_ERR = 1e-5
-BF16_COSINE = 0.99999
 BF16_TOL = dict(rtol=2 * 2**-8, atol=2 * 2**-8)
 DTYPES = pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 
@@ -35,13 +33,7 @@ _inputs = matmul_operands
 
 
 def assert_matches(got, want, dtype):
-    if dtype == jnp.float32:
-        err = rel_err(as_f32(got), as_f32(want))
-        assert err <= F32_REL_ERR, f"float32 relative error {err:.3g} > {F32_REL_ERR}"
-    else:
-        cos = cosine(as_f32(got), as_f32(want))
-        assert cos >= BF16_COSINE, f"bfloat16 cosine {cos:.7f} < {BF16_COSINE}"
-        np.testing.assert_allclose(as_f32(got), as_f32(want), **BF16_TOL)
+    assert_kernel_matches(got, want, dtype, bf16_tol=BF16_TOL)
 
 
 @DTYPES
