@@ -82,6 +82,54 @@ def test_batched_rows_equal_their_solo_answers_pallas_on_the_card(dtype):
     check_batched_equals_solo("pallas", dtype, within)
 
 
+class _ModelOnly:
+    """What PolicyRunner reads of a policy when only `sample` is called: the model and the step count."""
+
+    def __init__(self, model, num_steps: int):
+        self.model, self.num_steps, self.metadata = model, num_steps, {}
+
+    @staticmethod
+    def example_request() -> dict:
+        return {}
+
+
+def check_full_size_batched_equals_solo(preset_name: str, dtype: str, kernels: str, metric) -> None:
+    """Random weights of the preset's architecture (bench's `random_weights`), packed for `kernels` as
+    runtime.Model.load packs them; 10 steps. Four rows (2 views, prompts of 20, 40, 60 and 55 tokens: one prefix
+    bucket, so two executables: batch 4 and batch 1), each with its own frames, prompt and noise, run as one batch
+    through PolicyRunner.sample and then each alone."""
+    import jax
+
+    from pi05_jax import implementations, runtime
+    from pi05_jax.bench.selection import random_weights
+    from pi05_jax.config import preset
+
+    config = preset(preset_name)
+    impl = implementations.get(kernels)
+    params = random_weights(config, seed=0, dtype=dtype)
+    if impl.pack is not None:
+        params = impl.pack(params, consume=True)
+    model = runtime.Model(config=config, params=jax.block_until_ready(params), implementation=impl)
+    runner = PolicyRunner(_ModelOnly(model, num_steps=10), max_batch=4)
+    rows = [Row(obs=synthetic_observation(config, views=2, prompt_len=t, seed=i),
+                noise=synthetic_noise(config, seed=20 + i)) for i, t in enumerate((20, 40, 60, 55))]
+    batched = runner.sample(rows)
+    assert np.all(np.isfinite(batched))
+    for i, row in enumerate(rows):
+        metric(batched[i], runner.sample([row])[0])
+
+
+@pytest.mark.gpu
+def test_full_size_batched_rows_equal_their_solo_answers_bf16_pallas_on_the_card():
+    """The issue's claim at full size on the card: a request answered in a batch gets the actions it would get alone
+    with the same noise, cosine >= 0.99999 in bfloat16 (pallas, the GPU default). The tiny model's float32 version of
+    the same claim runs on the CPU in test_batched_rows_equal_their_solo_answers_float32."""
+    def within(a, b):
+        assert cosine(a, b) >= 0.99999, f"cosine {cosine(a, b):.7f}, relative error {rel_err(a, b):.2e}"
+
+    check_full_size_batched_equals_solo("full", "bfloat16", "pallas", within)
+
+
 def test_concat_observations_keeps_rows_and_refuses_mismatched_views():
     from pi05_jax.config import preset
 
@@ -131,6 +179,17 @@ def test_prepare_refuses_bad_input_with_the_key():
         runner.prepare({**request, "observation/state": np.full(8, np.inf, np.float32)}, None)
     with pytest.raises(ObservationError, match="noise"):
         runner.prepare(request, np.zeros((50, 7), np.float32))
+
+
+def test_prepare_counts_the_prompt_tokens():
+    """Row.prompt_tokens (what a reply's server_timing says) is the tokenized prompt's valid length: BOS, the task
+    text and the discretized state."""
+    runner = PolicyRunner(_policy("compact"), max_batch=1)
+    request = runner.policy.example_request()
+    short, long = (runner.prepare({**request, "prompt": p}, None) for p in ("go", "pick up the red block " * 4))
+    for row in (short, long):
+        assert row.prompt_tokens == int(np.asarray(row.obs.tokenized_prompt_mask).sum())
+    assert long.prompt_tokens > short.prompt_tokens + 10
 
 
 # ---------------------------------------------------------------- the Batcher on stub runs (no model)

@@ -120,3 +120,46 @@ def test_synthetic_requests_follow_the_declared_shapes_and_vary():
     assert a["prompt"] != b["prompt"] and not np.array_equal(a["observation/image"], b["observation/image"])
     with pytest.raises(UsageError, match="request_shapes"):
         synthetic_requests({"adapter": "libero"}, seed=0)
+
+
+class WordsRow:
+    """A stub row that says its prompt's token count, as `batching.Row` does."""
+
+    def __init__(self, words: int):
+        self.words = words
+        self.prompt_tokens = 10 + words
+
+
+class CountingRunner(EchoRunner):
+    def prepare(self, raw, noise):
+        super().prepare(raw, noise)
+        return WordsRow(len(raw["prompt"].split()))
+
+    def run(self, rows):
+        return [{"actions": np.full((50, 7), r.words, np.float32)} for r in rows]
+
+
+def test_closed_loop_with_fixed_prompt_words_reports_the_servers_prompt_tokens(tmp_path):
+    runner = CountingRunner()
+    srv = StubServer(runner, max_batch=4, batch_window_ms=5)
+    try:
+        out = tmp_path / "r.json"
+        code, stdout, stderr = run_cli(["loadtest", "--port", str(srv.port), "--clients", "3", "--rate", "0",
+                                        "--requests", "20", "--duration", "60", "--prompt-words", "7",
+                                        "--output", str(out)])
+    finally:
+        srv.close()
+    assert code == 0, stdout + stderr
+    report = json.loads(out.read_text())
+    assert report["rate_hz"] == 0 and report["replies"] == 60 and report["errors"] == []
+    assert report["prompt_words"] == 7 and report["prompt_tokens"] == {"min": 17, "p50": 17.0, "max": 17}
+    assert {len(p.split()) for p in runner.prompts} == {7}
+    assert "closed loop (--rate 0)" in stdout and "prompt tokens (server_timing): min 17, median 17, max 17" in stdout
+
+
+def test_prompt_words_and_rate_are_checked():
+    assert synthetic_requests({"request_shapes": SHAPES}, seed=0, prompt_words=12)(3, 5)["prompt"].count(" ") == 11
+    for argv, words in ((["--rate", "-1"], "--rate must be in [0, 1000]"),
+                        (["--prompt-words", "0"], "--prompt-words must be in 1..1000")):
+        code, _, stderr = run_cli(["loadtest", "--port", "8000", *argv])
+        assert code == 2 and words in stderr, stderr

@@ -2,9 +2,11 @@
 
 Each client is `openpi_client.websocket_client_policy.WebsocketClientPolicy` on its own connection and thread,
 sending one request every 1/R s (a robot's control loop: the next request leaves at its slot, or as soon as the
-previous reply is in when the server is slower than R). The run stops after --requests per client or --duration s,
-whichever comes first. It prints throughput, latency p50/p90/p99 per client and overall (send to reply, measured by
-the client), the server's batch sizes and queue/infer times from each reply's server_timing, and every error.
+previous reply is in when the server is slower than R); --rate 0 is a closed loop: each client sends its next
+request as soon as its previous reply is in (the server's capacity with N requests in flight). The run stops after
+--requests per client or --duration s, whichever comes first. It prints throughput, latency p50/p90/p99 per client
+and overall (send to reply, measured by the client), the server's batch sizes, queue/infer times and prompt token
+counts from each reply's server_timing, and every error.
 Exit status 1 when any request failed. Loopback only: it refuses to load a server on another host.
 """
 
@@ -26,7 +28,8 @@ from pi05_jax.commands.common import UsageError, formatter
 
 EPILOG = """\
 Requests: by default built from the server's metadata (pi05 serve sends each request key's shape and dtype):
-random frames and state, and a prompt whose length varies per request (so rows differ in prefix length).
+random frames and state, and a prompt whose length varies per request (so rows differ in prefix length), or of
+exactly --prompt-words words (the server's replies say how many tokens each prompt made: "prompt tokens").
 --request FILE.npz --case NAME sends a recorded raw observation instead (the policy_cases.npz layout:
 <case>/in/<raw key>), e.g. for servers that send no shapes.
 
@@ -34,6 +37,7 @@ examples:
   pi05 serve --checkpoint ckpt/ --adapter libero --max-batch 8 &
   pi05 loadtest --port 8000 --clients 8 --rate 5 --duration 60
   pi05 loadtest --port 8000 --clients 4 --rate 10 --requests 100 --output report.json
+  pi05 loadtest --port 8000 --clients 16 --rate 0 --requests 100000 --duration 20   # closed loop: capacity
   pi05 loadtest --port 8000 --clients 1 --request tests/reference/tiny_pi05/policy_cases.npz --case libero
 """
 
@@ -48,7 +52,8 @@ def register(sub) -> None:
     p.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key, if it wants one")
     p.add_argument("--clients", type=int, default=4, metavar="N", help="concurrent clients (default: %(default)s)")
     p.add_argument("--rate", type=float, default=5.0, metavar="HZ",
-                   help="requests per second per client (default: %(default)s)")
+                   help="requests per second per client; 0: closed loop, the next request as soon as the previous "
+                        "reply is in (default: %(default)s)")
     p.add_argument("--requests", type=int, default=100, metavar="N",
                    help="at most this many requests per client (default: %(default)s)")
     p.add_argument("--duration", type=float, default=60.0, metavar="S",
@@ -56,6 +61,8 @@ def register(sub) -> None:
     p.add_argument("--request", default=None, metavar="FILE.npz", help="send this recorded raw observation")
     p.add_argument("--case", default=None, metavar="NAME", help="which case of --request")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic requests (default: %(default)s)")
+    p.add_argument("--prompt-words", type=int, default=None, metavar="N",
+                   help="synthetic prompts of exactly N words (default: 2..11 words, varying per request)")
     p.add_argument("--stats-every", type=float, default=5.0, metavar="S",
                    help="sample the server's GET /stats (device memory, RSS) every S seconds (default: %(default)s)")
     p.add_argument("--output", default=None, metavar="FILE.json", help="also write the report as JSON")
@@ -82,14 +89,18 @@ def _check_args(args) -> None:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     if not 1 <= args.clients <= 256:
         raise UsageError(f"--clients must be in 1..256, got {args.clients}")
-    if not 0 < args.rate <= 1000:
-        raise UsageError(f"--rate must be in (0, 1000] Hz, got {args.rate}")
+    if not 0 <= args.rate <= 1000:
+        raise UsageError(f"--rate must be in [0, 1000] Hz (0: closed loop), got {args.rate}")
     if args.requests < 1:
         raise UsageError(f"--requests must be >= 1, got {args.requests}")
     if not 0 < args.duration <= 24 * 3600:
         raise UsageError(f"--duration must be in (0, 86400] s, got {args.duration}")
     if (args.request is None) != (args.case is None):
         raise UsageError("--request and --case go together")
+    if args.prompt_words is not None and not 1 <= args.prompt_words <= 1000:
+        raise UsageError(f"--prompt-words must be in 1..1000, got {args.prompt_words}")
+    if args.prompt_words is not None and args.request is not None:
+        raise UsageError("--prompt-words shapes the synthetic requests; --request sends a recorded one")
     if not args.stats_every > 0:
         raise UsageError(f"--stats-every must be > 0, got {args.stats_every}")
 
@@ -105,10 +116,19 @@ def _reachable(host: str, port: int) -> None:
 # ---------------------------------------------------------------------------------------------------- requests
 
 
-def synthetic_requests(metadata: dict, seed: int):
+PROMPT_WORDS = ("pick", "up", "the", "red", "block", "and", "place", "it", "in", "the", "bowl")
+
+
+def synthetic_prompt(client: int, index: int, words: int | None = None) -> str:
+    """2..11 words varying with (client, index), or exactly `words` words (the sentence repeated)."""
+    if words is None:
+        return " ".join(PROMPT_WORDS[: 2 + (client + index) % (len(PROMPT_WORDS) - 1)])
+    return " ".join(PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(words))
+
+
+def synthetic_requests(metadata: dict, seed: int, prompt_words: int | None = None):
     """A function (client, index) -> request built from the server's "request_shapes" metadata: uint8 frames and
-    float vectors of those shapes, a prompt whose length varies with the index, the noise key when the server
-    declares a model action dim."""
+    float vectors of those shapes, a prompt whose length varies with the index (or of `prompt_words` words)."""
     shapes = metadata.get("request_shapes")
     if not isinstance(shapes, dict) or not shapes:
         raise UsageError("the server's metadata has no 'request_shapes' (not a pi05 serve server?): pass a recorded "
@@ -120,8 +140,7 @@ def synthetic_requests(metadata: dict, seed: int):
         for key, (shape, dtype) in shapes.items():
             dtype = np.dtype(dtype)
             if dtype.kind in "US":
-                words = ["pick", "up", "the", "red", "block", "and", "place", "it", "in", "the", "bowl"]
-                request[key] = " ".join(words[: 2 + (client + index) % (len(words) - 1)])
+                request[key] = synthetic_prompt(client, index, prompt_words)
             elif dtype == np.uint8:
                 request[key] = rng.integers(0, 256, size=shape, dtype=np.uint8)
             elif dtype.kind == "f":
@@ -208,6 +227,7 @@ class ClientLog:
     batch_sizes: list[int] = dataclasses.field(default_factory=list)
     queue_ms: list[float] = dataclasses.field(default_factory=list)
     infer_ms: list[float] = dataclasses.field(default_factory=list)
+    prompt_tokens: list[int] = dataclasses.field(default_factory=list)
     errors: list[str] = dataclasses.field(default_factory=list)
     sent: int = 0
     first_s: float | None = None
@@ -215,7 +235,7 @@ class ClientLog:
 
 
 def _client_loop(index: int, policy, make_request, args, start: float, deadline: float, log: ClientLog) -> None:
-    period = 1.0 / args.rate
+    period = 1.0 / args.rate if args.rate > 0 else 0.0  # 0: closed loop, every slot is "now"
     for k in range(args.requests):
         slot = start + k * period
         now = time.monotonic()
@@ -241,6 +261,8 @@ def _client_loop(index: int, policy, make_request, args, start: float, deadline:
         timing = reply.get("server_timing", {}) if isinstance(reply, dict) else {}
         if "batch_size" in timing:
             log.batch_sizes.append(int(timing["batch_size"]))
+        if "prompt_tokens" in timing:
+            log.prompt_tokens.append(int(timing["prompt_tokens"]))
         for key, out in (("queue_ms", log.queue_ms), ("infer_ms", log.infer_ms)):
             if key in timing:
                 out.append(float(timing[key]))
@@ -254,6 +276,17 @@ def percentiles(values) -> dict[str, float | None]:
         return {"p50": None, "p90": None, "p99": None}
     p50, p90, p99 = np.percentile(np.asarray(values, np.float64), [50, 90, 99])
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def token_summary(values) -> dict | None:
+    """min / median / max of the prompt token counts the server reported, or None when it reported none."""
+    if not values:
+        return None
+    return {"min": int(min(values)), "p50": float(np.median(values)), "max": int(max(values))}
+
+
+def rate_text(rate: float) -> str:
+    return "closed loop (--rate 0)" if rate == 0 else f"{rate:g} Hz"
 
 
 def _ms(v) -> str:
@@ -274,13 +307,15 @@ def report(logs: list[ClientLog], wall_s: float, args, metadata: dict, samples=(
         "batch_sizes": {str(k): v for k, v in sorted(batches.items())},
         "server_queue_ms": percentiles([x for log in logs for x in log.queue_ms]),
         "server_infer_ms": percentiles([x for log in logs for x in log.infer_ms]),
+        "prompt_words": getattr(args, "prompt_words", None),
+        "prompt_tokens": token_summary([x for log in logs for x in log.prompt_tokens]),
         "server_memory": memory_summary(list(samples)),
         "errors": [e for log in logs for e in log.errors],
     }
 
 
 def print_report(r: dict) -> None:
-    print(f"pi05 loadtest: {r['clients']} clients x {r['rate_hz']:g} Hz against {r['target']} "
+    print(f"pi05 loadtest: {r['clients']} clients x {rate_text(r['rate_hz'])} against {r['target']} "
           f"(adapter {r['adapter']}, server max batch {r['server_max_batch']}), {r['wall_s']:.1f} s")
     print(f"{'client':>6} {'sent':>6} {'replies':>7} {'errors':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
     for i, c in enumerate(r["per_client"]):
@@ -296,6 +331,9 @@ def print_report(r: dict) -> None:
     q, m = r["server_queue_ms"], r["server_infer_ms"]
     print(f"server queue ms p50 {_ms(q['p50'])} p99 {_ms(q['p99'])}; server infer ms p50 {_ms(m['p50'])} "
           f"p99 {_ms(m['p99'])}")
+    t = r["prompt_tokens"]
+    print("prompt tokens (server_timing): " + (f"min {t['min']}, median {t['p50']:g}, max {t['max']}" if t else
+                                                "not reported"))
     mem = r["server_memory"]
     if not mem["samples"]:
         print("server memory: not reported (no GET /stats)")
@@ -329,7 +367,7 @@ def run(args) -> int:
         if args.request is not None:
             make = recorded_request(args.request, args.case)
         else:
-            make = synthetic_requests(metadata, args.seed)
+            make = synthetic_requests(metadata, args.seed, args.prompt_words)
         logs = [ClientLog() for _ in policies]
         stats = StatsSampler(args.host, args.port, args.api_key, args.stats_every)
         stats.sample()

@@ -24,8 +24,9 @@ The request keys depend on --adapter (docs/ROBOTS.md):
   FILE.json  your robot's description (key mapping, which cameras exist, action dims)
 A request may add "noise" float32 [50, 32] (horizon, model action dim) to fix the sampling noise.
 Errors come back as a text frame (the openpi client raises them) and the connection stays usable.
-Each reply's server_timing holds infer_ms, queue_ms and batch_size (docs/ROBOTS.md); GET /stats answers counters,
-batch sizes and memory as JSON. Past --max-queue waiting requests a request gets "server busy" at once.
+Each reply's server_timing holds infer_ms, queue_ms, batch_size and prompt_tokens (docs/ROBOTS.md); GET /stats
+answers counters, batch sizes and memory as JSON. Past --max-queue waiting requests a request gets "server busy" at
+once.
 
 By default a GPU runs 'pallas' in bfloat16 and the CPU 'compact' in float32 (see --kernels, --dtype); the startup
 line says which run and why, the batch sizes compiled, what is warm and each size's warm latency.

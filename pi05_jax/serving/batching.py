@@ -66,6 +66,7 @@ class Row:
     obs: Observation
     noise: np.ndarray
     transform_s: float = 0.0
+    prompt_tokens: int | None = None  # valid tokens of the tokenized prompt (task text + state), for server_timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +124,8 @@ class PolicyRunner:
                                       where="policy inputs")
         noise = self.policy.noise() if noise is None else noise
         noise = check_noise(np.asarray(noise)[None], 1, self.config)
-        return Row(obs=obs, noise=noise, transform_s=time.perf_counter() - t0)
+        return Row(obs=obs, noise=noise, transform_s=time.perf_counter() - t0,
+                   prompt_tokens=int(np.asarray(inputs["tokenized_prompt_mask"]).sum()))
 
     def sample(self, rows: list[Row]) -> np.ndarray:
         """Normalized actions [len(rows), horizon, action_dim] from one model call on the padded batch."""

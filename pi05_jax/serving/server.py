@@ -8,7 +8,8 @@ frame from the server is an error, which `openpi_client.WebsocketClientPolicy.in
     serving every other connection meanwhile;
   - dynamic batching (`max_batch` > 1): requests from different connections that are ready within `batch_window_ms`
     of each other run as one batched model call (`pi05_jax.serving.batching`); each reply's `server_timing` says
-    `batch_size`, `queue_ms` (ready to batch start) and `infer_ms` (the batch's model call);
+    `batch_size`, `queue_ms` (ready to batch start), `infer_ms` (the batch's model call) and `prompt_tokens` (the
+    request's tokenized prompt: task text and state);
   - overload is explicit: past `max_queue` waiting requests, a request gets a "server busy" error frame at once;
   - with an API key, a handshake without `Authorization: Api-Key <key>` is refused with HTTP 401;
   - a bad request (undecodable, oversized, missing key, wrong shape or dtype) gets a text error frame and the
@@ -216,6 +217,9 @@ class PolicyServer:
             "infer_ms": done.infer_s * 1e3, "queue_ms": done.queue_s * 1e3, "batch_size": done.batch_size,
             "executable_batch": done.executable_batch, "prepare_ms": (prepared - t0) * 1e3,
             "total_ms": (time.monotonic() - t0) * 1e3}
+        tokens = getattr(row, "prompt_tokens", None)  # a stub runner's rows may not say
+        if tokens is not None:
+            result["server_timing"]["prompt_tokens"] = tokens
         return result
 
     async def _handler(self, websocket: ws_server.ServerConnection) -> None:
