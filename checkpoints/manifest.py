@@ -90,6 +90,18 @@ def split_quantized(flat: dict, weights: dict, where: str) -> tuple[dict, dict]:
     for key, entry in weights.items():
         missing = [a for a in entry["arrays"] if a not in grouped[key]]
         if missing:
-            raise CheckpointError(f"{where}: quantized key {key!r} is missing its array {missing[0]!r} "
-                                  f"(expected {key}/{missing[0]})")
+            what = (f"all of its arrays {missing}" if len(missing) == len(entry["arrays"]) and len(missing) > 1
+                    else f"its array {missing[0]!r}" + (f" (and {missing[1:]})" if len(missing) > 1 else ""))
+            raise CheckpointError(f"{where}: quantized key {key!r} is missing {what} (expected {key}/{missing[0]}; "
+                                  f"{MANIFEST} lists it as {entry['format']} of shape {tuple(entry['shape'])})")
     return plain, grouped
+
+
+def stored_weight_shape(entry: dict, arrays: dict[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
+    """(the array that carries the weight's shape, the logical shape it gives) from the stored shapes of one
+    quantized key's arrays: fp8_values is stored in openpi's layout; fp4_packed halves the contracted axis (second
+    to last, `checkpoints.fp4_format`)."""
+    if entry["format"] == "fp8_e4m3":
+        return "fp8_values", tuple(arrays["fp8_values"])
+    packed = tuple(arrays["fp4_packed"])
+    return "fp4_packed", (*packed[:-2], 2 * packed[-2], packed[-1]) if len(packed) >= 2 else packed

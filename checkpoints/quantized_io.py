@@ -2,7 +2,8 @@
 
 A checkpoint is quantized when its directory holds `pi05_quantization.json` (`checkpoints.manifest`, which also
 describes the manifest). `checkpoints.openpi_io.load_params` / `read_config` come here for such a directory, so
-`infer`, `demo`, `serve` and `bench` load it like any checkpoint.
+`infer`, `demo`, `serve`, `bench` and `profile` load it like any checkpoint. A stored array that is missing, or
+whose shape does not give the manifest's shape, is a CheckpointError naming the file, the key and the shapes.
 
 The config is inferred from the unquantized shapes plus the manifest's logical shapes; every quantized array is
 restored in its stored dtype, scales in float32, and every other leaf cast to the requested dtype.
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from checkpoints.config_inference import infer_config
 from checkpoints.errors import CheckpointError
 from checkpoints.layout import unflatten
-from checkpoints.manifest import is_quantized, read_manifest, split_quantized
+from checkpoints.manifest import MANIFEST, is_quantized, read_manifest, split_quantized, stored_weight_shape
 from checkpoints.orbax_store import StoredParams, params_dir, read_metadata, restore_params
 from pi05_jax.config import Pi05Config
 from pi05_jax.quantized import QuantizationError
@@ -38,10 +39,19 @@ def read_config(checkpoint_dir: str | pathlib.Path) -> Pi05Config:
 def _read(checkpoint_dir) -> tuple[Pi05Config, dict, StoredParams]:
     manifest = read_manifest(checkpoint_dir)
     stored = read_metadata(params_dir(checkpoint_dir))
-    plain, _ = split_quantized(stored.flat, manifest["weights"], str(stored.path))
+    plain, grouped = split_quantized(stored.flat, manifest["weights"], str(stored.path))
     shapes = {k: tuple(getattr(v, "shape", ())) for k, v in plain.items()}
     for key, entry in manifest["weights"].items():
         shapes[key] = tuple(int(s) for s in entry["shape"])
+        # the stored arrays must give the manifest's shape, before the config is inferred from it (else a
+        # mismatch would surface as some other key's wrong shape)
+        array_shapes = {k: tuple(getattr(v, "shape", ())) for k, v in grouped[key].items()}
+        array, got = stored_weight_shape(entry, array_shapes)
+        if got != shapes[key]:
+            gives = "" if got == array_shapes[array] else f" (the weight shape {got})"
+            raise CheckpointError(f"{str(stored.path)!r}: quantized key {key!r}: {key}/{array} has shape "
+                                  f"{array_shapes[array]}{gives}, but {MANIFEST} says the weight's shape is "
+                                  f"{shapes[key]}")
     return infer_config(shapes, where=str(stored.path)), manifest, stored
 
 

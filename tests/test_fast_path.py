@@ -277,16 +277,17 @@ def test_mixed_layouts_across_layers_are_an_error(tiny_fp32):
 
 
 def test_quantized_expert_weights_get_their_own_matmuls_and_say_so(tiny_fp32, model_cases):
-    """An FP8 checkpoint keeps openpi's keys for its quantized weights: the ops read them with the weights' own
-    matmuls (chosen at prepare, named by describe), and the actions stay close to float32."""
+    """An FP8 checkpoint's q/kv weights are fused into one FP8 weight per layer and its MLPs keep openpi's keys: the
+    ops read both with the weights' own matmuls (chosen at prepare, named by describe), and the actions stay close
+    to float32."""
     from checkpoints.quantize import Plan, quantize_params
 
     quantized = quantize_params(tiny_fp32.params, Plan())
     model = Model(config=tiny_fp32.config, params=fast_path.pack(quantized, implementations.PALLAS.options),
                   implementation=implementations.PALLAS)
     layout = fast_ops.layout_of(model.params)
-    assert layout.expert_qkv == "quantized" and layout.expert_gating == "quantized"
-    assert "quantized weights' own matmuls" in model.describe()
+    assert layout.expert_qkv == "fused_quantized" and layout.expert_gating == "quantized"
+    assert "quantized weights' own matmuls" in model.describe() and "expert qkv: fused FP8" in model.describe()
     ins, obs = _case(model, model_cases, "batch2_mixed")
     actions = np.asarray(model.sample(obs, noise=ins["noise"], num_steps=int(ins["num_steps"])))
     assert cosine(actions, model_cases["batch2_mixed/out/fp32/actions"]) >= 0.99

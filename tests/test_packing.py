@@ -1,6 +1,7 @@
 """The fast path's weight layout (pi05_jax.fast.packing): fused Gemma / SigLIP QKV weights, the zero-padded SigLIP MLP,
 the transposed expert gating. Each packed piece computes what upstream's function computes on openpi's layout
-(float32 rounding only); quantized leaves keep openpi's keys and still run."""
+(float32 rounding only); FP8 q/kv weights fuse the same way (their e4m3 rows and scales concatenated), every other
+quantized leaf keeps openpi's keys and still runs."""
 
 from __future__ import annotations
 
@@ -164,25 +165,29 @@ def test_transposed_expert_gating_runs_the_same_mlp(unstacked):
 # --- quantized leaves -----------------------------------------------------------------------------------------------
 
 
-def test_quantized_leaves_stay_unpacked_and_run(tiny_fp32, model_cases):
-    """FP8 SigLIP and prefix-stream weights and the expert's NVFP4 MLP (objects, not arrays) keep openpi's keys; the
-    float expert QKV in the same layers is fused. `pallas` on them computes what `reference` computes on the same
-    quantized params (the quantized matmuls see the same token rows in both)."""
+def test_quantized_leaves_fuse_or_keep_their_keys_and_run(tiny_fp32, model_cases):
+    """FP8 SigLIP and prefix-stream q/kv weights are fused into one FP8 weight each; the expert's NVFP4 MLP (and
+    every other quantized leaf) keeps openpi's keys; the float expert QKV in the same layers is fused as an array.
+    `pallas` on them computes what `reference` computes on the same quantized params (the quantized matmuls see the
+    same token rows in both)."""
     from checkpoints.quantize import Plan, quantize_params
     from pi05_jax.quantized.fp4_weight import Fp4Weight
     from pi05_jax.quantized.fp8_weight import Fp8Weight
 
     params = quantize_params(tiny_fp32.params, Plan(fmt="fp4", parts=("siglip", "prefix")))
     prepared = implementations.PALLAS.prepare(params, 2)
-    layer = prepared["PaliGemma"]["llm"]["layers"][0]
-    assert "qkv_einsum_1" in layer["attn"] and "qkv_einsum" not in layer["attn"]
-    assert isinstance(layer["attn"]["q_einsum"]["w"], Fp8Weight)
+    layers = prepared["PaliGemma"]["llm"]["layers"]
+    layer = layers[0]
+    assert is_fused_array(layer["attn"]["qkv_einsum_1"]["w"])
+    assert isinstance(layer["attn"]["qkv_einsum"]["w"], Fp8Weight) and "q_einsum" not in layer["attn"]
+    assert isinstance(layers[-1]["attn"]["kv_einsum"]["w"], Fp8Weight)  # the KV-only last prefix layer: as stored
     assert isinstance(layer["mlp_1"]["gating_einsum"], Fp4Weight) and "gating_einsum_t" not in layer["mlp_1"]
     block = prepared["PaliGemma"]["img"]["Transformer"]["encoderblock"][0]
-    assert "qkv" not in block["MultiHeadDotProductAttention_0"]
+    assert isinstance(block["MultiHeadDotProductAttention_0"]["qkv"]["kernel"], Fp8Weight)
     assert isinstance(block["MlpBlock_0"]["Dense_0"]["kernel"], Fp8Weight)
-    assert fast_ops.layout_of(prepared) == fast_ops.Layout(gemma_qkv="quantized", expert_qkv="fused",
-                                                           expert_gating="quantized", siglip_qkv="quantized")
+    assert fast_ops.layout_of(prepared) == fast_ops.Layout(gemma_qkv="fused_quantized", expert_qkv="fused",
+                                                           expert_gating="quantized",
+                                                           siglip_qkv="fused_quantized")
 
     ins = case_inputs(model_cases, "libero_like")
     obs = observation_from_arrays(ins, tiny_fp32.config)
@@ -190,4 +195,111 @@ def test_quantized_leaves_stay_unpacked_and_run(tiny_fp32, model_cases):
     want = np.asarray(sampler.sample_actions(params, obs, noise=ins["noise"], num_steps=2, kernels="reference"))
     assert np.isfinite(got).all()
     assert cosine(got, want) >= 0.9999, cosine(got, want)
-    assert fast_path.ops(prepared, implementations.PALLAS.options).describe().count("own matmuls") == 1
+    described = fast_path.ops(prepared, implementations.PALLAS.options).describe()
+    assert described.count("own matmuls") == 1 and described.count("fused FP8") == 2, described
+
+
+def is_fused_array(w) -> bool:
+    return packing.is_array(w) and w.ndim == 4
+
+
+def _static_act_amax(params, plan):
+    """A made-up calibration ({key: [L] amax}): the same scale for the weights that share an input (q and kv, SigLIP's
+    query/key/value), as calibration records them, different per layer."""
+    from checkpoints.layout import flatten
+
+    flat = flatten(params)
+    return {k: np.linspace(2.0, 3.0, flat[k].shape[0]).astype(np.float32) for k in plan.targets()}
+
+
+@pytest.fixture(scope="module")
+def fp8_unstacked(tiny_fp32):
+    """The tiny model's FP8 params (every part) with static activation scales (the fused weight must carry them;
+    per-token scaling is the same computation on the same rows, run end to end above), unstacked."""
+    from checkpoints.quantize import Plan, quantize_params
+
+    amax = _static_act_amax(tiny_fp32.params, Plan())
+    return layer_stack.unstack_layers(quantize_params(tiny_fp32.params, Plan(), act_amax=amax))
+
+
+def test_fused_fp8_qkv_holds_the_parts_values_and_scales_exactly(fp8_unstacked):
+    """The fused FP8 weights are the parts' e4m3 rows and per-output-channel scales, concatenated: dequantized, they
+    are bit for bit the float fusion of the dequantized parts (the same code as the float layout's test)."""
+    from pi05_jax.quantized.fp8_weight import E4M3, Fp8Weight
+
+    packed = packing.pack_weights(fp8_unstacked, transpose_expert_gating=True)
+    layers, ref_layers = packed["PaliGemma"]["llm"]["layers"], fp8_unstacked["PaliGemma"]["llm"]["layers"]
+    for i, (p, ref) in enumerate(zip(layers, ref_layers, strict=True)):
+        for sfx in ("", "_1"):
+            q, kv = ref["attn"][f"q_einsum{sfx}"]["w"], ref["attn"][f"kv_einsum{sfx}"]["w"]
+            if sfx == "" and i == len(layers) - 1:
+                assert p["attn"]["kv_einsum"]["w"] is kv and "qkv_einsum" not in p["attn"]
+                continue
+            w = p["attn"][f"qkv_einsum{sfx}"]["w"]
+            assert isinstance(w, Fp8Weight) and w.values.dtype == E4M3 and w.layout.contract == (0,)
+            want = packing.fuse_gemma_qkv_weights(q.dequantize(), kv.dequantize())
+            assert w.shape == want.shape
+            np.testing.assert_array_equal(np.asarray(w.dequantize()), np.asarray(want))
+            assert w.options == q.options and w.act_scale is not None
+            np.testing.assert_array_equal(np.asarray(w.act_scale), np.asarray(q.act_scale))
+        assert p["mlp_1"]["gating_einsum"] is ref["mlp_1"]["gating_einsum"]  # quantized MLPs: as they are
+    for p, ref in zip(packed["PaliGemma"]["img"]["Transformer"]["encoderblock"],
+                      fp8_unstacked["PaliGemma"]["img"]["Transformer"]["encoderblock"], strict=True):
+        mha, rmha = p["MultiHeadDotProductAttention_0"], ref["MultiHeadDotProductAttention_0"]
+        kernel = np.asarray(mha["qkv"]["kernel"].dequantize())
+        for c, name in enumerate(("query", "key", "value")):
+            np.testing.assert_array_equal(kernel[:, c], np.asarray(rmha[name]["kernel"].dequantize()))
+            np.testing.assert_array_equal(np.asarray(mha["qkv"]["bias"])[c], rmha[name]["bias"])
+    assert fast_ops.layout_of(packed) == fast_ops.Layout(gemma_qkv="fused_quantized", expert_qkv="fused_quantized",
+                                                         expert_gating="quantized", siglip_qkv="fused_quantized")
+    # packing is idempotent on the fused FP8 weights too
+    again = packing.pack_weights(packed, transpose_expert_gating=True)
+    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(packed), strict=True))
+
+
+def test_fused_fp8_qkv_forward_equals_the_unfused_quantized_forward(fp8_unstacked):
+    """Each fused FP8 projection (SigLIP, prefix stream, expert) against the same layer's unfused quantized op on
+    openpi's keys, in float32: one FP8 GEMM instead of two (three), the same activation quantization, so equal up to
+    the GEMMs' float32 accumulation order (measured ~1e-7)."""
+    packed = packing.pack_weights(fp8_unstacked, transpose_expert_gating=False)
+    positions = 3 + jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (2, 7))
+    llm, ref_llm = packed["PaliGemma"]["llm"]["layers"], fp8_unstacked["PaliGemma"]["llm"]["layers"]
+    for i in range(len(llm) - 1):
+        fused, ref = llm[i]["attn"], ref_llm[i]["attn"]
+        for sfx, fused_op, ref_op in (("", fast_ops.prefix_qkv_fused, fast_ops.prefix_qkv_quantized),
+                                      ("_1", fast_ops.expert_qkv_fused, fast_ops.expert_qkv_quantized)):
+            d = ref[f"q_einsum{sfx}"]["w"].shape[1]
+            x = jax.random.normal(jax.random.key(10 * i + len(sfx)), (2, 7, d), jnp.float32)
+            got, want = fused_op(x, fused, positions), ref_op(x, ref, positions)
+            for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                assert o.shape == r.shape and o.dtype == jnp.float32
+                assert rel_err(np.asarray(o), np.asarray(r)) <= PACKED_TOL, (i, sfx)
+    img = packed["PaliGemma"]["img"]["Transformer"]["encoderblock"]
+    ref_img = fp8_unstacked["PaliGemma"]["img"]["Transformer"]["encoderblock"]
+    for i, (p, ref) in enumerate(zip(img, ref_img, strict=True)):
+        mha, rmha = p["MultiHeadDotProductAttention_0"], ref["MultiHeadDotProductAttention_0"]
+        y = jax.random.normal(jax.random.key(100 + i), (2, 9, rmha["query"]["kernel"].shape[0]), jnp.float32)
+        got, want = fast_ops.vision_qkv_fused(y, mha, jnp.float32), fast_ops.vision_qkv_quantized(y, rmha, jnp.float32)
+        for o, r in zip(got, want, strict=True):
+            assert o.shape == r.shape and rel_err(np.asarray(o), np.asarray(r)) <= PACKED_TOL, i
+
+
+def test_fp8_qkv_with_different_static_scales_is_not_fused(tiny_fp32, model_cases):
+    """q and kv weights whose calibrated activation scales differ cannot share one quantized activation: the stream
+    keeps openpi's two weights in every layer (one layout), and the fast path still runs it."""
+    from checkpoints.quantize import Plan, quantize_params
+
+    plan = Plan(parts=("expert",))
+    amax = _static_act_amax(tiny_fp32.params, plan)
+    amax["PaliGemma/llm/layers/attn/kv_einsum_1/w"][1] *= 1.5  # one layer's kv scale differs from its q scale
+    params = quantize_params(tiny_fp32.params, plan, act_amax=amax)
+    prepared = implementations.COMPACT.prepare(params, 2)
+    layout = fast_ops.layout_of(prepared)
+    assert layout.expert_qkv == "quantized" and layout.gemma_qkv == "fused", layout
+    assert all("q_einsum_1" in p["attn"] for p in prepared["PaliGemma"]["llm"]["layers"])
+    ins = case_inputs(model_cases, "libero_like")
+    obs = observation_from_arrays(ins, tiny_fp32.config)
+    got = np.asarray(sampler.sample_actions(params, obs, noise=ins["noise"], num_steps=int(ins["num_steps"]),
+                                            kernels="compact"))
+    assert np.isfinite(got).all()
+    assert cosine(got, model_cases["libero_like/out/fp32/actions"]) >= 0.99  # the FP8 accuracy gate

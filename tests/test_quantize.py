@@ -145,13 +145,15 @@ def test_fp8_bfloat16_activations(fp8_dir, model_cases):
 
 
 def test_fp8_checkpoint_loaded_for_pallas(fp8_dir, fp8_model, model_cases):
-    """Model.load(kernels="pallas") on a quantized checkpoint: packing skips the FP8 weights (they keep their
-    keys) and packs the rest; the actions equal `pallas` run on the checkpoint loaded for the reference."""
+    """Model.load(kernels="pallas") on a quantized checkpoint: packing fuses the FP8 q/kv weights into one FP8
+    weight (pi05_jax.fast.packing), keeps the quantized MLPs as they are and packs the rest; the actions equal
+    `pallas` run on the checkpoint loaded for the reference."""
     from pi05_jax import sampler
 
     model = Model.load(fp8_dir, dtype="float32", kernels="pallas")
     layer = model.params["PaliGemma"]["llm"]["layers"][0]
-    assert "q_einsum_1" in layer["attn"] and "qkv_einsum_1" not in layer["attn"]  # FP8 q/kv: not fused
+    assert "q_einsum_1" not in layer["attn"] and isinstance(layer["attn"]["qkv_einsum_1"]["w"], Fp8Weight)
+    assert isinstance(layer["mlp_1"]["gating_einsum"], Fp8Weight)  # FP8 MLP: openpi's key, no transposed copy
     ins = case_inputs(model_cases, "batch2_mixed")
     obs = observation_from_arrays(ins, model.config)
     got = np.asarray(model.sample(obs, noise=ins["noise"], num_steps=int(ins["num_steps"])))

@@ -41,8 +41,9 @@ STARTUP_TIMEOUT_S = 240
 class ServerProcess:
     """`python -m pi05_jax.cli serve ...` with stderr collected by a thread; knows its port once listening."""
 
-    def __init__(self, reference_dir: pathlib.Path, *extra: str):
-        argv = [sys.executable, "-m", "pi05_jax.cli", "serve", "--checkpoint", str(reference_dir / "checkpoint"),
+    def __init__(self, reference_dir: pathlib.Path, *extra: str, checkpoint: pathlib.Path | None = None):
+        checkpoint = checkpoint or reference_dir / "checkpoint"
+        argv = [sys.executable, "-m", "pi05_jax.cli", "serve", "--checkpoint", str(checkpoint),
                 "--adapter", "libero", "--norm-stats", "libero", "--tokenizer", str(reference_dir / "tokenizer.model"),
                 "--dtype", "float32", "--port", "0", *extra]
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -434,6 +435,7 @@ def test_batched_replies_equal_solo_answers_and_a_bad_row_fails_alone(batch_serv
     for (i, r), reply in sorted(replies.items()):
         alone = solo.infer(batch_request(obs, i, r))
         assert alone["server_timing"]["batch_size"] == 1
+        assert alone["server_timing"]["prompt_tokens"] == reply["server_timing"]["prompt_tokens"] > 0
         assert reply["actions"].shape == (50, 7)
         assert rel_err(reply["actions"], alone["actions"]) <= 1e-5, (i, r, sizes[i, r])
     served = stats(batch_server.port)

@@ -4,8 +4,11 @@ FP8: SigLIP, prefix LLM and action expert linears (attention q/kv/out, MLP gatin
 become e4m3 values with a float32 scale per output channel; the embedding table, norms, adaRMS Dense, SigLIP's
 patch embedding and head, the action in/out projections and the time MLP stay as stored. Activations are
 quantized at run time, per token, unless --calibration gives static per-tensor scales.
-FP4 (--format fp4): the MLP gating/linear of the action expert (--fp4-scope expert) or of the expert and the
-prefix LLM (expert+prefill) in NVFP4 (e2m1 + e4m3 block scales); everything else FP8 as above.
+FP4 (--format fp4), for Blackwell / Jetson Thor, not faster on Hopper: the MLP gating/linear of the action expert
+(--fp4-scope expert) or of the expert and the prefix LLM (expert+prefill) in NVFP4 (e2m1 + e4m3 block scales);
+everything else FP8 as above. Hopper (H100, H200) has no FP4 tensor cores: there the kernel decodes the FP4 weights
+in registers (fewer bytes, not less math), and through `pi05 infer` on an H200 an FP4 checkpoint ran slower than
+bfloat16 (README's Status), so serve bfloat16 on Hopper.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from pi05_jax.commands.common import Progress, UsageError, formatter
 
 EPILOG = """\
 The output is an openpi-layout checkpoint (params/ + the source's assets/) plus pi05_quantization.json naming the
-format and every quantized key; `pi05 infer/demo/serve/bench --checkpoint OUT` load it like any checkpoint.
+format and every quantized key; `pi05 infer/demo/serve/bench/profile --checkpoint OUT` load it like any checkpoint
+(the fast paths fuse its FP8 q/kv weights as they fuse bf16 ones).
 On the GPU the FP8 matmuls run through XLA's cuBLASLt FP8 GEMM by default (see pi05_jax/quantized/fp8_weight.py
 for the Pallas kernel option); on the CPU they are emulated (dequantize, float32 matmul).
 
@@ -26,6 +30,7 @@ examples:
   pi05 quantize --checkpoint ckpt/pi05_libero --format fp8 --output ckpt/pi05_libero_fp8
   pi05 quantize --checkpoint ckpt/pi05_libero --format fp8 --calibration cases.npz --output ckpt/libero_fp8_static
   pi05 quantize --checkpoint ckpt/pi05_libero --format fp4 --fp4-scope expert --output ckpt/pi05_libero_fp4
+                                                       (FP4: for Blackwell/Thor, not faster on Hopper)
   pi05 infer --checkpoint ckpt/pi05_libero_fp8 --inputs cases.npz --case libero_like --output out.npz
 """
 
@@ -35,7 +40,8 @@ def register(sub) -> None:
                        epilog=EPILOG, formatter_class=formatter())
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="source openpi checkpoint (params/, assets/)")
     p.add_argument("--format", required=True, choices=["fp8", "fp4"], dest="fmt",
-                   help="fp8: e4m3 linears; fp4: NVFP4 MLPs (--fp4-scope) and FP8 for the rest")
+                   help="fp8: e4m3 linears; fp4: NVFP4 MLPs (--fp4-scope) and FP8 for the rest, for "
+                        "Blackwell/Thor, not faster on Hopper")
     p.add_argument("--output", required=True, metavar="DIR2", help="where to write the quantized checkpoint")
     p.add_argument("--calibration", default=None, metavar="FILE.npz",
                    help="model-level cases for static activation scales (default: dynamic per-token scaling)")

@@ -5,7 +5,8 @@ Axis legend: B batch, T tokens, S keys (prefix slots), N q heads, K kv heads, G 
 (G + 2), H head dim, D width, F mlp dim, P patches.
 
 The layout (`Layout`) is what `pi05_jax.fast.packing` made of the checkpoint: plain weights are fused / transposed,
-quantized weights (`pi05_jax.quantized`) keep openpi's keys. `ops_for(options, layout)` pairs each piece with the
+FP8 q/kv (and SigLIP query/key/value) weights are fused into one FP8 weight ("fused_quantized"), every other
+quantized weight (`pi05_jax.quantized`) keeps openpi's keys. `ops_for(options, layout)` pairs each piece with the
 one kernel that reads that layout; a layout an asked-for kernel cannot read is a `LayoutError` naming both, never a
 quiet switch to another kernel. Where a quantized checkpoint decides the matmul (its weights' own FP8/FP4 matmul),
 `Ops.describe()` says so.
@@ -45,9 +46,10 @@ class LayoutError(ValueError):
 class Layout:
     """How the packed params hold each weight the ops read; the same in every layer (`layout_of` checks).
 
-    gemma_qkv / expert_qkv: "fused" (`qkv_einsum{,_1}` [D,K,C,H]) or "quantized" (openpi's q_einsum + kv_einsum as
-    quantized weights). expert_gating: "transposed" (`gating_einsum_t` [2,F,D]), "openpi" (`gating_einsum` [2,D,F]
-    array) or "quantized". siglip_qkv: "fused" (`qkv` [D,3,N,H]) or "quantized"."""
+    gemma_qkv / expert_qkv: "fused" (`qkv_einsum{,_1}` [D,K,C,H] array), "fused_quantized" (the same key holding
+    one FP8 weight of that layout) or "quantized" (openpi's q_einsum + kv_einsum as quantized weights).
+    expert_gating: "transposed" (`gating_einsum_t` [2,F,D]), "openpi" (`gating_einsum` [2,D,F] array) or
+    "quantized". siglip_qkv: "fused" (`qkv` [D,3,N,H]), "fused_quantized" or "quantized"."""
 
     gemma_qkv: str
     expert_qkv: str
@@ -55,9 +57,16 @@ class Layout:
     siglip_qkv: str
 
 
+FUSED = ("fused", "fused_quantized")
+
+
+def _fused(w) -> str:
+    return "fused" if is_array(w) else "fused_quantized"
+
+
 def _qkv_layout(attn: dict, suffix: str, where: str) -> str:
     if f"qkv_einsum{suffix}" in attn:
-        return "fused"
+        return _fused(attn[f"qkv_einsum{suffix}"]["w"])
     q = attn.get(f"q_einsum{suffix}", {}).get("w")
     if q is None:
         raise LayoutError(f"{where}: no qkv_einsum{suffix} or q_einsum{suffix} (keys: {sorted(attn)})")
@@ -100,7 +109,8 @@ def layout_of(params) -> Layout:
                             "the expert's QKV weight"),
         expert_gating=_uniform([_gating_layout(p["mlp_1"], where.format(i, "mlp_1")) for i, p in enumerate(llm)],
                                "the expert's gating weight"),
-        siglip_qkv=_uniform(["fused" if "qkv" in p["MultiHeadDotProductAttention_0"] else "quantized"
+        siglip_qkv=_uniform([_fused(p["MultiHeadDotProductAttention_0"]["qkv"]["kernel"])
+                             if "qkv" in p["MultiHeadDotProductAttention_0"] else "quantized"
                              for p in img], "SigLIP's QKV weight"),
     )
 
@@ -109,13 +119,13 @@ def layout_of(params) -> Layout:
 
 
 def prefix_qkv_fused(x, attn, positions):
-    """q, k, v from the fused weight `qkv_einsum` [D,K,C,H]: one GEMM, RoPE on q and k together (they share the
-    positions) and the q scale; elementwise the same ops as `gemma.qkv`."""
+    """q, k, v from the fused weight `qkv_einsum` [D,K,C,H] (an array, or one FP8 weight: its own matmul): one GEMM,
+    RoPE on q and k together (they share the positions) and the q scale; elementwise the same ops as `gemma.qkv`."""
     w = attn["qkv_einsum"]["w"]
     b, t, _ = x.shape
     _, kh, c, h = w.shape
     g = c - 2
-    y = jnp.einsum("BTD,DKCH->BTKCH", x, w.astype(x.dtype))
+    y = weight_einsum("BTD,DKCH->BTKCH", x, w)
     qk = gemma.rope(y[:, :, :, : g + 1].reshape(b, t, kh * (g + 1), h), positions).reshape(b, t, kh, g + 1, h)
     q = qk[:, :, :, :g].reshape(b, t, kh * g, h) * jnp.asarray(h**-0.5, x.dtype)
     return q, qk[:, :, :, g], y[:, :, :, g + 1]
@@ -150,8 +160,8 @@ def rotate_packed_qkv(y, positions):
 
 
 def expert_qkv_fused(x, attn, positions):
-    """[B,T,K,C,H]: the fused `qkv_einsum_1` GEMM, rotated."""
-    return rotate_packed_qkv(jnp.einsum("BTD,DKCH->BTKCH", x, attn["qkv_einsum_1"]["w"].astype(x.dtype)), positions)
+    """[B,T,K,C,H]: the fused `qkv_einsum_1` GEMM (an array, or one FP8 weight: its own matmul), rotated."""
+    return rotate_packed_qkv(weight_einsum("BTD,DKCH->BTKCH", x, attn["qkv_einsum_1"]["w"]), positions)
 
 
 def expert_qkv_quantized(x, attn, positions):
@@ -236,6 +246,11 @@ class Ops:
         return ", ".join(f"{piece}: {name}" for piece, name in self.names)
 
 
+def _qkv_name(layout: str) -> str:
+    return {"fused": "fused (XLA)", "fused_quantized": "fused FP8 (one weight, its own matmul)",
+            "quantized": "quantized (XLA)"}[layout]
+
+
 @functools.cache
 def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attention.BlockSizes,
             cross_tiles: gqa_cross_attention.BlockSizes, geglu_tiles: SkinnyBlockSizes) -> Ops:
@@ -248,9 +263,9 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
         raise LayoutError("the Pallas GeGLU matmul reads the expert's gating weight transposed (gating_einsum_t); "
                           "these params hold openpi's gating_einsum: pack them for 'pallas' "
                           "(pi05_jax.fast.packing.pack_weights(transpose_expert_gating=True))")
-    names = [("vision qkv", f"{layout.siglip_qkv} (XLA)"), ("prefix qkv", f"{layout.gemma_qkv} (XLA)"),
+    names = [("vision qkv", _qkv_name(layout.siglip_qkv)), ("prefix qkv", _qkv_name(layout.gemma_qkv)),
              ("prefix attention", "Pallas ragged_prefill_attention" if pallas else "XLA masked"),
-             ("expert qkv", f"{layout.expert_qkv} (XLA)"),
+             ("expert qkv", _qkv_name(layout.expert_qkv)),
              ("expert attention", "Pallas gqa_cross_attention_packed" if pallas else "XLA masked")]
     if not pallas and layout.expert_gating == "transposed":
         raise LayoutError("these params hold the expert's gating weight transposed for the Pallas GeGLU "
@@ -263,10 +278,10 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
         names.append(("expert mlp", f"{layout.expert_gating} weights' own matmuls"
                       + (" (the checkpoint is quantized: no Pallas GeGLU)" if pallas else "")))
     return Ops(
-        vision_qkv=vision_qkv_fused if layout.siglip_qkv == "fused" else vision_qkv_quantized,
-        prefix_qkv=prefix_qkv_fused if layout.gemma_qkv == "fused" else prefix_qkv_quantized,
+        vision_qkv=vision_qkv_fused if layout.siglip_qkv in FUSED else vision_qkv_quantized,
+        prefix_qkv=prefix_qkv_fused if layout.gemma_qkv in FUSED else prefix_qkv_quantized,
         prefix_attend=functools.partial(prefix_attend_pallas, tiles=prefill_tiles) if pallas else prefix_attend_xla,
-        expert_qkv=expert_qkv_fused if layout.expert_qkv == "fused" else expert_qkv_quantized,
+        expert_qkv=expert_qkv_fused if layout.expert_qkv in FUSED else expert_qkv_quantized,
         expert_attend=functools.partial(expert_attend_pallas, tiles=cross_tiles) if pallas else expert_attend_xla,
         expert_mlp=mlp,
         names=tuple(names),

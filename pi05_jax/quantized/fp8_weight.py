@@ -225,6 +225,19 @@ class Fp8Weight:
             act_scale = jnp.asarray(act_scale, jnp.float32)
         return cls(values=values2, scales=scales2, layout=layout, act_scale=act_scale, name=name)
 
+    @classmethod
+    def from_matrix(cls, values2, scales2, layout: Fp8Layout, *, act_scale=None, options: Fp8Options | None = None,
+                    name: str = "weight") -> Fp8Weight:
+        """From unpadded e4m3 values [*lead, N, K] and scales [*lead, N] (the rows in `layout`'s output order, see
+        `matrix`): what a weight restructured along its output channels (pi05_jax.fast.packing) is built from."""
+        lead = values2.ndim - 2
+        if values2.dtype != E4M3 or values2.shape[lead:] != (layout.n, layout.k) or scales2.shape != values2.shape[:-1]:
+            raise QuantizationError(f"{name}: values {values2.dtype} {values2.shape} and scales {scales2.shape} do not "
+                                    f"fit [*lead, N={layout.n}, K={layout.k}] e4m3 and [*lead, N] for {layout}")
+        values2, scales2 = _pad_matrix(values2, scales2, layout, lead)
+        weight = cls._padded(values2, scales2, layout, act_scale, name)
+        return weight if options is None else dataclasses.replace(weight, options=options)
+
     # --- views ----------------------------------------------------------------------------------------------------
 
     @property
@@ -239,6 +252,12 @@ class Fp8Weight:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    def matrix(self) -> tuple[jax.Array, jax.Array]:
+        """(values e4m3 [*lead, N, K], scales float32 [*lead, N]) without the padding: row n is output channel n
+        in the layout's output order (`Fp8Layout.out_shape` flattened), the inverse of `from_matrix`."""
+        lay = self.layout
+        return self.values[..., : lay.n, : lay.k], self.scales[..., : lay.n]
 
     def stored(self) -> tuple[jax.Array, jax.Array]:
         """(values e4m3 in openpi's layout, scales float32 [*lead, *output axes]): what a checkpoint holds."""
