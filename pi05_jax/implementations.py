@@ -6,8 +6,6 @@ bench run. Nothing registers itself; a new implementation is a line in IMPLEMENT
 - `compact`: the fast path (pi05_jax.fast) with XLA's attention: valid views only, the prefix compacted to a bucket,
   packed per-layer weights, adaRMS precomputed per num_steps.
 - `pallas`: `compact` with the Pallas kernels (ragged prefill attention, GQA cross-attention, the expert's GeGLU).
-- `megakernel`: `pallas` with the expert MLP as one persistent Mosaic GPU kernel (bfloat16 only; tested against
-  `reference` in bfloat16, not float32).
 
 Each is tested for float32 parity against `reference` on the shared cases (tests/test_fast_path.py); `parity_tested`
 says so, and `default_kernels` picks from those.
@@ -64,7 +62,7 @@ REFERENCE = Implementation(
 )
 
 
-def fast(name: str, options: FastPathOptions, description: str, *, parity_tested: bool = True) -> Implementation:
+def fast(name: str, options: FastPathOptions, description: str) -> Implementation:
     """The fast path with these options as an Implementation."""
 
     def phases(plan):
@@ -77,7 +75,7 @@ def fast(name: str, options: FastPathOptions, description: str, *, parity_tested
                                    pack=None, prepare=None, plan=None, specialize=None, **phases(plan))
 
     base = Implementation(
-        name=name, description=description, parity_tested=parity_tested, options=options,
+        name=name, description=description, parity_tested=True, options=options,
         denoise=functools.partial(fast_path.denoise_phase, options=options),
         pack=lambda params, consume=False: fast_path.pack(params, options, consume=consume),
         prepare=lambda params, num_steps: fast_path.prepare(params, num_steps, options=options),
@@ -93,12 +91,7 @@ PALLAS = fast("pallas", FastPathOptions(attention="pallas"),
               "as 'compact', with the Pallas ragged prefill attention, GQA cross-attention and expert GeGLU matmul "
               "(Triton on the GPU, interpret mode on the CPU)")
 
-MEGAKERNEL = fast("megakernel", FastPathOptions(attention="pallas", expert_mlp="persistent"),
-                  "as 'pallas', with the expert's whole MLP (gate/up + GeGLU + down) as one persistent Mosaic GPU "
-                  "kernel per layer-step (issue 17's first stage; bfloat16 only: Hopper's wgmma has no exact "
-                  "float32 path, so no float32 parity)", parity_tested=False)
-
-IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (REFERENCE, COMPACT, PALLAS, MEGAKERNEL)}
+IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (REFERENCE, COMPACT, PALLAS)}
 
 # What `serve`, `infer` and `demo` run when --kernels is not given, per JAX platform (`default_kernels`).
 DEFAULT_KERNELS = {"gpu": "pallas", "cpu": "compact"}

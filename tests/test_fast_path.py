@@ -75,8 +75,7 @@ def test_float32_velocity_at_t1_matches_upstream(tiny_fp32, model_cases, case):
     assert rel_err(v_t1, model_cases[f"{case}/out/fp32/velocity_t1"]) <= FP32_REL_TOL
 
 
-@pytest.mark.parametrize("kernels,case", [("compact", c) for c in MODEL_CASES] + [("pallas", "batch2_mixed"),
-                                                                                ("megakernel", "batch2_mixed")])
+@pytest.mark.parametrize("kernels,case", [("compact", c) for c in MODEL_CASES] + [("pallas", "batch2_mixed")])
 def test_bfloat16_actions_match_upstream(tiny_bf16, model_cases, kernels, case):
     ins, obs = _case(tiny_bf16, model_cases, case)
     actions = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), kernels)
@@ -240,19 +239,6 @@ def test_model_loaded_for_pallas_holds_only_the_packed_weights(reference_dir, mo
     got = np.asarray(packed.sample(obs, noise=ins["noise"], num_steps=int(ins["num_steps"])))
     np.testing.assert_array_equal(got, want)
     assert "Pallas geglu_matmul" in packed.describe() and "Pallas gqa_cross_attention_packed" in packed.describe()
-
-
-def test_megakernel_matches_pallas_in_bfloat16_and_refuses_float32(tiny_bf16, tiny_fp32, model_cases):
-    """The persistent expert MLP (its two-launch interpret form on the CPU) gives pallas's actions up to the GEMMs'
-    accumulation order; float32 weights are refused at load with a message that says what to do."""
-    ins, obs = _case(tiny_bf16, model_cases, "libero_like")
-    got = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), "megakernel")
-    want = _sample(tiny_bf16, obs, ins["noise"], int(ins["num_steps"]), "pallas")
-    assert cosine(got, want) >= BF16_MIN_COSINE
-    prepared = implementations.get("megakernel").prepare(tiny_bf16.params, 10)
-    assert fast_ops.layout_of(prepared).expert_gating == "tiled"
-    with pytest.raises(ValueError, match="bfloat16 weights only"):
-        implementations.get("megakernel").prepare(tiny_fp32.params, 10)
 
 
 def test_packing_is_idempotent(tiny_fp32):

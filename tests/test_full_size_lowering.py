@@ -28,7 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 EXPECTED = {
     "pallas": ("ragged_prefill_attention", "gqa_cross_attention_packed", "geglu_matmul"),
     "compact": (),
-    "megakernel": ("ragged_prefill_attention", "gqa_cross_attention_packed", "mosaic_gpu"),
 }
 
 

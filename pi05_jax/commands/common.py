@@ -26,8 +26,7 @@ class Progress:
 # The implementations (pi05_jax.implementations.IMPLEMENTATIONS; a test keeps this list in step with it), for --help
 # without importing JAX.
 KERNELS_HELP = ("'reference' (plain JAX, upstream-exact), 'compact' (valid views, compacted prefix, packed weights, "
-                "XLA attention), 'pallas' (compact + the Pallas attention and GeGLU kernels: the GPU fast path), "
-                "'megakernel' (pallas + the expert MLP as one persistent Mosaic GPU kernel; bfloat16 only)")
+                "XLA attention), 'pallas' (compact + the Pallas attention and GeGLU kernels: the GPU fast path)")
 
 
 # --help text for the platform defaults (pi05_jax.implementations.default_kernels picks the implementation,

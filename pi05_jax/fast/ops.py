@@ -25,7 +25,7 @@ import jax.numpy as jnp
 # pallas_call is traced, that flag changes the tracing context after the sampler's first compile, so the second call
 # of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
-from pallas_kernels import expert_mlp_mgpu, gqa_cross_attention, ragged_prefill_attention
+from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes, geglu_matmul
 from pi05_jax.fast.packing import is_array
 from pi05_jax.model import gemma, layer_stack, siglip
@@ -48,8 +48,7 @@ class Layout:
 
     gemma_qkv / expert_qkv: "fused" (`qkv_einsum{,_1}` [D,K,C,H] array), "fused_quantized" (the same key holding
     one FP8 weight of that layout) or "quantized" (openpi's q_einsum + kv_einsum as quantized weights).
-    expert_gating: "transposed" (`gating_einsum_t` [2,F,D]), "tiled" (`gate_up_tiles` + `down_tiles`, the persistent
-    MLP kernel's layout: pallas_kernels.expert_mlp_mgpu.tile_weights), "openpi" (`gating_einsum` [2,D,F] array) or
+    expert_gating: "transposed" (`gating_einsum_t` [2,F,D]), "openpi" (`gating_einsum` [2,D,F] array) or
     "quantized". siglip_qkv: "fused" (`qkv` [D,3,N,H]), "fused_quantized" or "quantized"."""
 
     gemma_qkv: str
@@ -80,8 +79,6 @@ def _qkv_layout(attn: dict, suffix: str, where: str) -> str:
 def _gating_layout(mlp: dict, where: str) -> str:
     if "gating_einsum_t" in mlp:
         return "transposed"
-    if "gate_up_tiles" in mlp:
-        return "tiled"
     w = mlp.get("gating_einsum")
     if w is None:
         raise LayoutError(f"{where}: no gating_einsum or gating_einsum_t (keys: {sorted(mlp)})")
@@ -212,15 +209,6 @@ def expert_mlp_pallas(h, mlp, *, tiles: SkinnyBlockSizes):
     return weight_einsum("BTF,FD->BTD", hidden.reshape(b, t, -1), mlp["linear"])
 
 
-def expert_mlp_persistent(h, mlp):
-    """gate/up + GeGLU and the down projection in one persistent Mosaic GPU kernel on the tiled weights (per 64 rows;
-    two interpret-mode launches on the CPU); the float32 result rounded to h's dtype, as upstream's down einsum."""
-    b, t, d = h.shape
-    tiled = {"gate_up": mlp["gate_up_tiles"], "down": mlp["down_tiles"]}
-    tiles = expert_mlp_mgpu.tiles_for(d, mlp["down_tiles"].shape[1])
-    return expert_mlp_mgpu.expert_mlp(h.reshape(b * t, d), tiled, tiles).astype(h.dtype).reshape(b, t, d)
-
-
 # --- the pieces: SigLIP ----------------------------------------------------------------------------------------------
 
 
@@ -282,15 +270,9 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
     if not pallas and layout.expert_gating == "transposed":
         raise LayoutError("these params hold the expert's gating weight transposed for the Pallas GeGLU "
                           "(gating_einsum_t); XLA's MLP reads openpi's gating_einsum: pack them without the transpose")
-    if layout.expert_gating == "tiled" and not pallas:
-        raise LayoutError("these params hold the expert's MLP tiled for the persistent Mosaic GPU kernel "
-                          "(gate_up_tiles / down_tiles), which runs with attention='pallas' only")
     if layout.expert_gating == "transposed":
         mlp = functools.partial(expert_mlp_pallas, tiles=geglu_tiles)
         names.append(("expert mlp", "Pallas geglu_matmul + XLA down"))
-    elif layout.expert_gating == "tiled":
-        mlp = expert_mlp_persistent
-        names.append(("expert mlp", "persistent Mosaic GPU expert_mlp (gate/up + GeGLU + down, one launch)"))
     else:
         mlp = expert_mlp_xla
         names.append(("expert mlp", f"{layout.expert_gating} weights' own matmuls"

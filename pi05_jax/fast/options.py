@@ -16,7 +16,6 @@ from pi05_jax.fast.prefix import DEFAULT_BUCKET_SIZE
 DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes(block_k=128, num_stages=1)
 DEFAULT_PREFILL_ATTENTION_TILES = ragged_prefill_attention.BlockSizes()
 DEFAULT_GEGLU_TILES = SkinnyBlockSizes()
-EXPERT_MLPS = ("geglu", "persistent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,26 +27,14 @@ class FastPathOptions:
     cross_attention_tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES
     geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (pi05_jax.fast.prefix.DEFAULT_BUCKET_SIZE)
-    # the expert's MLP with attention="pallas": "geglu" (Pallas GeGLU matmul + XLA's down GEMM) or "persistent"
-    # (pallas_kernels.expert_mlp_mgpu: both GEMMs in one persistent Mosaic GPU kernel; bfloat16 only)
-    expert_mlp: str = "geglu"
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.expert_mlp not in EXPERT_MLPS:
-            raise ValueError(f"expert_mlp must be one of {EXPERT_MLPS}, got {self.expert_mlp!r}")
-        if self.expert_mlp == "persistent" and self.attention != "pallas":
-            raise ValueError("expert_mlp='persistent' is a Pallas kernel: it needs attention='pallas'")
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
 
     @property
     def transpose_expert_gating(self) -> bool:
         """Whether the packed layout stores the expert's gating weight transposed (what the Pallas GeGLU reads)."""
-        return self.attention == "pallas" and self.expert_mlp == "geglu"
-
-    @property
-    def tile_expert_mlp(self) -> bool:
-        """Whether the packed layout stores the expert's MLP as the persistent kernel's tiles."""
-        return self.expert_mlp == "persistent"
+        return self.attention == "pallas"

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import expert_mlp_mgpu
 from pi05_jax.leaf_cache import LeafCache
 from pi05_jax.model import layer_stack
 from pi05_jax.quantized.fp8_weight import Fp8Layout, Fp8Weight
@@ -169,18 +168,7 @@ def _transpose_gating(mlp: dict) -> dict:
     return out
 
 
-def _tile_expert_mlp(mlp: dict) -> dict:
-    w, lin = mlp.get("gating_einsum"), mlp.get("linear")
-    if w is None or lin is None or not (is_array(w) and is_array(lin)):
-        return mlp  # quantized (or already tiled)
-    w, lin = jnp.asarray(w), jnp.asarray(lin)
-    tiled = expert_mlp_mgpu.tile_weights(w, lin, expert_mlp_mgpu.tiles_for(w.shape[1], w.shape[2]))
-    out = {k: v for k, v in mlp.items() if k not in ("gating_einsum", "linear")}
-    out["gate_up_tiles"], out["down_tiles"] = tiled["gate_up"], tiled["down"]
-    return out
-
-
-def pack_gemma_layers(layers: tuple, *, transpose_expert_gating: bool, tile_expert_mlp: bool = False) -> tuple:
+def pack_gemma_layers(layers: tuple, *, transpose_expert_gating: bool) -> tuple:
     """Every layer's q/kv fused, both streams (the prefix stream of the last layer is kept: it computes KV only);
     with transpose_expert_gating, the expert's gating_einsum stored [2, F, D] as `gating_einsum_t`."""
     # A stream is fused in every layer or in none (the fast path runs one layout: pi05_jax.fast.ops.layout_of)
@@ -197,8 +185,6 @@ def pack_gemma_layers(layers: tuple, *, transpose_expert_gating: bool, tile_expe
         layer["attn"] = attn
         if transpose_expert_gating:
             layer["mlp_1"] = _transpose_gating(layer["mlp_1"])
-        if tile_expert_mlp:
-            layer["mlp_1"] = _tile_expert_mlp(layer["mlp_1"])
         out.append(layer)
     return tuple(out)
 
@@ -259,7 +245,7 @@ def pack_siglip_layers(layers: tuple) -> tuple:
 # --- the params ------------------------------------------------------------------------------------------------------
 
 
-def pack_weights(params, *, transpose_expert_gating: bool, tile_expert_mlp: bool = False) -> dict:
+def pack_weights(params, *, transpose_expert_gating: bool) -> dict:
     """params (both layer groups unstacked) in the fast path's layout (new dicts along the changed paths; all other
     leaves shared)."""
     llm = layer_stack.get_path(params, layer_stack.LLM_PATH)
@@ -267,25 +253,23 @@ def pack_weights(params, *, transpose_expert_gating: bool, tile_expert_mlp: bool
     if not (layer_stack.is_unstacked(llm) and layer_stack.is_unstacked(img)):
         raise ValueError("pack_weights needs both layer groups unstacked (pi05_jax.model.layer_stack.unstack_layers)")
     params = layer_stack.replace_path(params, layer_stack.LLM_PATH, pack_gemma_layers(
-        llm, transpose_expert_gating=transpose_expert_gating, tile_expert_mlp=tile_expert_mlp))
+        llm, transpose_expert_gating=transpose_expert_gating))
     return layer_stack.replace_path(params, layer_stack.IMG_PATH, pack_siglip_layers(img))
 
 
 _PACKED = LeafCache()  # (transpose_expert_gating, unstacked layer groups) -> the two packed groups
 
 
-def pack_weights_cached(params, *, transpose_expert_gating: bool, tile_expert_mlp: bool = False) -> dict:
+def pack_weights_cached(params, *, transpose_expert_gating: bool) -> dict:
     """`pack_weights`, once per (checkpoint, layout) (pi05_jax.leaf_cache): a repeated call returns the same packed
     arrays."""
     paths = (layer_stack.LLM_PATH, layer_stack.IMG_PATH)
     groups = tuple(layer_stack.get_path(params, path) for path in paths)
 
     def pack():
-        packed = pack_weights(params, transpose_expert_gating=transpose_expert_gating,
-                              tile_expert_mlp=tile_expert_mlp)
+        packed = pack_weights(params, transpose_expert_gating=transpose_expert_gating)
         return tuple(layer_stack.get_path(packed, path) for path in paths)
 
-    packed = _PACKED.get(groups, pack, tag=(transpose_expert_gating, tile_expert_mlp))
-    for path, group in zip(paths, packed, strict=True):
+    for path, group in zip(paths, _PACKED.get(groups, pack, tag=transpose_expert_gating), strict=True):
         params = layer_stack.replace_path(params, path, group)
     return params

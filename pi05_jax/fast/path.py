@@ -15,8 +15,6 @@ all view slots and the whole padded prefix.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from pi05_jax.fast import denoise as fast_denoise
 from pi05_jax.fast import packing, prefix, vision
 from pi05_jax.fast.ops import Layout, Ops, layout_of, ops_for
@@ -36,31 +34,19 @@ def ops(params, options: FastPathOptions) -> Ops:
                    options.cross_attention_tiles, options.geglu_tiles)
 
 
-def _check_dtype(params, options: FastPathOptions) -> None:
-    dtype = jnp.dtype(reference.params_dtype(params))
-    if options.expert_mlp == "persistent" and dtype != jnp.bfloat16:
-        raise ValueError(f"the persistent expert MLP kernel (--kernels megakernel) runs bfloat16 weights only "
-                         f"(Hopper's wgmma has no exact float32 path); these are {dtype.name}: load them with "
-                         f"--dtype bfloat16, or use --kernels pallas")
-
-
 def pack(params, options: FastPathOptions, *, consume: bool = False) -> dict:
     """params in the fast path's layout (unstacked, packed). `consume=True` frees the stacked arrays as they are
     converted (runtime.Model.load: peak memory is the weights plus one stacked leaf)."""
-    _check_dtype(params, options)
     params = layer_stack.unstack_layers(params, consume=consume)
-    return packing.pack_weights(params, transpose_expert_gating=options.transpose_expert_gating,
-                                tile_expert_mlp=options.tile_expert_mlp)
+    return packing.pack_weights(params, transpose_expert_gating=options.transpose_expert_gating)
 
 
 def prepare(params, num_steps: int, *, options: FastPathOptions) -> dict:
     """params ready for the phases: unstacked and packed (once per checkpoint: cached, so already-packed params pass
     as they are), plus the device constants for num_steps and the layout. The ops are checked here, so a layout
     they cannot read fails at load, not at the first call."""
-    _check_dtype(params, options)
     params = layer_stack.unstack_layers_cached(params)
-    params = packing.pack_weights_cached(params, transpose_expert_gating=options.transpose_expert_gating,
-                                         tile_expert_mlp=options.tile_expert_mlp)
+    params = packing.pack_weights_cached(params, transpose_expert_gating=options.transpose_expert_gating)
     layout = layout_of(params)
     ops_for(options.attention, layout, options.prefill_attention_tiles, options.cross_attention_tiles,
             options.geglu_tiles)
