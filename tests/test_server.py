@@ -141,6 +141,9 @@ def test_actions_over_the_wire_match_upstream(server, libero_case):
     assert "implementation compact (default on cpu" in startup and "dtype float32 (--dtype)" in startup
     assert "one request per model call" in startup and "warm latency by batch size {1: " in startup
     assert "every prefix bucket" in startup
+    # which kernel runs each piece (Model.describe), before the port opens
+    assert re.search(r"model: compact \(float32\): vision qkv: .*expert mlp: ", text)
+    assert text.index("model: compact") < text.index("listening on")
 
 
 def test_healthz_and_stats(server, libero_case):

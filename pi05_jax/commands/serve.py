@@ -160,6 +160,7 @@ def run(args) -> int:
     model = Model.load(checkpoint, dtype=args.dtype, kernels=args.kernels, progress=say, devices=devices)
     if apply_vision_args(args, model) != args.kernels:
         say(f"vision: {args.vision} engine(s) {args.vision_engine} (implementation {model.kernels})")
+    say(f"model: {model.describe()}")
     policy = Policy(model=model, num_steps=args.num_steps, seed=args.seed, **parts)
     say(f"policy: adapter {policy.adapter.name}, norm stats {policy.norm_stats_path}, "
         f"tokenizer {policy.tokenizer.path}")
