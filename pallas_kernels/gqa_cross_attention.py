@@ -49,10 +49,12 @@ class BlockSizes:
     """
 
     block_rows: int = 64
-    block_k: int = 64
+    # 128-key blocks in one pipeline stage: each program of a 128-key split loads its K and V tiles at once instead
+    # of in two dependent 64-key steps (what the fast path runs; docs/PERF.md, session 4)
+    block_k: int = 128
     split_k: int = 128
     num_warps: int = 8  # at head_dim 256, 4 warps spill the [64, 256] fp32 accumulator (ptxas, sm_90a)
-    num_stages: int = 2
+    num_stages: int = 1
 
     def __post_init__(self):
         for name in ("block_rows", "block_k"):
@@ -287,9 +289,10 @@ def main():
         sys.exit("pallas_kernels.gqa_cross_attention main(): a GPU micro-benchmark; JAX sees no GPU")
     layers, tokens, group, head_dim, repeats = 18, 50, 8, 256, 30
     variants = {"XLA reference": gqa_cross_attention_packed_reference,
-                "Pallas, default tiles": functools.partial(gqa_cross_attention_packed, interpret=False),
-                "Pallas, k128 1 stage": functools.partial(gqa_cross_attention_packed, interpret=False,
-                                                          block_sizes=BlockSizes(block_k=128, num_stages=1))}
+                "Pallas, default tiles (k128, 1 stage)": functools.partial(gqa_cross_attention_packed,
+                                                                           interpret=False),
+                "Pallas, k64, 2 stages": functools.partial(gqa_cross_attention_packed, interpret=False,
+                                                           block_sizes=BlockSizes(block_k=64, num_stages=2))}
 
     def chain(op):
         def run(sets, lengths):

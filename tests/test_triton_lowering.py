@@ -31,9 +31,9 @@ CASES = {
     "gqa_cross_attention_packed (q, k, v read from the QKV GEMM's layout)": (
         lambda qkv, kp, vp, n: gqa_cross_attention_packed(qkv, kp, vp, n, interpret=False),
         (S((1, 50, 1, 10, 256), BF16), S((1, 576, 1, 256), BF16), S((1, 576, 1, 256), BF16), S((1,), I32))),
-    "gqa_cross_attention_packed with the fast path's tiles (128-key blocks, 1 stage)": (
+    "gqa_cross_attention_packed with 64-key steps in 2 stages": (
         lambda qkv, kp, vp, n: gqa_cross_attention_packed(qkv, kp, vp, n, interpret=False,
-                                                          block_sizes=BlockSizes(block_k=128, num_stages=1)),
+                                                          block_sizes=BlockSizes(block_k=64, num_stages=2)),
         (S((1, 50, 1, 10, 256), BF16), S((1, 576, 1, 256), BF16), S((1, 576, 1, 256), BF16), S((1,), I32))),
     "geglu_matmul (expert gate/up + GeGLU, transposed weight)": (
         lambda x, w: geglu_matmul(x, w, interpret=False),

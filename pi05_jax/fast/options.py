@@ -11,9 +11,7 @@ from pallas_kernels.skinny_matmul import SkinnyBlockSizes
 from pi05_jax.fast.ops import ATTENTIONS
 from pi05_jax.fast.prefix import DEFAULT_BUCKET_SIZE
 
-# 128-key blocks in one pipeline stage: each program of a 128-key split loads its K and V tiles at once instead of in
-# two dependent 64-key steps (docs/PERF.md, session 4)
-DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes(block_k=128, num_stages=1)
+DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes()
 DEFAULT_PREFILL_ATTENTION_TILES = ragged_prefill_attention.BlockSizes()
 DEFAULT_GEGLU_TILES = SkinnyBlockSizes()
 
