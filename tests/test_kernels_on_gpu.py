@@ -14,15 +14,17 @@ import pytest
 from pallas_kernels import gqa_cross_attention as gqa
 from pallas_kernels import ragged_prefill_attention as rpa
 from pallas_kernels import skinny_matmul as skinny
+from tests.conftest import KERNEL_BF16_COSINE as BF16_COSINE
+from tests.conftest import KERNEL_F32_REL_ERR as F32_REL_ERR
 from tests.conftest import cosine, rel_err
 
 pytestmark = pytest.mark.gpu
-F32_REL_ERR = 1e-5
-BF16_COSINE = 0.99999
 TWO_STEPS = gqa.BlockSizes(block_k=64, num_stages=2)  # a second schedule: 64-key steps, two pipeline stages
 
 
 def assert_matches(got, want, dtype):
+    """conftest's gates (float32 relative error, bfloat16 cosine) without its elementwise bf16 tolerance: the card's
+    bf16 dots round differently from the CPU's, elementwise bounds are for the CPU tests."""
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     if dtype == jnp.float32:
         err = rel_err(got, want)
