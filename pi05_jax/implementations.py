@@ -8,7 +8,8 @@ bench run. Nothing registers itself; a new implementation is a line in IMPLEMENT
 - `pallas`: `compact` with the Pallas kernels (ragged prefill attention, GQA cross-attention, the expert's GeGLU).
 
 Each is tested for float32 parity against `reference` on the shared cases (tests/test_fast_path.py); `parity_tested`
-says so, and `default_kernels` picks from those.
+says so, and `default_kernels` picks from those. Every phase of a float32 model is traced with float32 GEMMs
+(pi05_jax.model.precision: JAX's default would run them in TF32 on NVIDIA GPUs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Hashable
 from pi05_jax.fast import path as fast_path
 from pi05_jax.fast.options import FastPathOptions
 from pi05_jax.model import reference
+from pi05_jax.model.precision import exact_float32
 from pi05_jax.observation import Observation
 
 
@@ -54,9 +56,9 @@ class Implementation:
 
 REFERENCE = Implementation(
     name="reference",
-    vision=reference.reference_vision,
-    prefill=reference.reference_prefill,
-    denoise=reference.reference_denoise,
+    vision=exact_float32(reference.reference_vision),
+    prefill=exact_float32(reference.reference_prefill),
+    denoise=exact_float32(reference.reference_denoise),
     description="plain JAX, upstream openpi's computation (all view slots, padded 968-token prefix)",
     parity_tested=True,
 )
@@ -66,8 +68,8 @@ def fast(name: str, options: FastPathOptions, description: str) -> Implementatio
     """The fast path with these options as an Implementation."""
 
     def phases(plan):
-        return dict(vision=functools.partial(fast_path.vision_phase, plan=plan, options=options),
-                    prefill=functools.partial(fast_path.prefill_phase, plan=plan, options=options))
+        return dict(vision=exact_float32(functools.partial(fast_path.vision_phase, plan=plan, options=options)),
+                    prefill=exact_float32(functools.partial(fast_path.prefill_phase, plan=plan, options=options)))
 
     @functools.cache
     def specialize(plan: Hashable) -> Implementation:
@@ -76,7 +78,7 @@ def fast(name: str, options: FastPathOptions, description: str) -> Implementatio
 
     base = Implementation(
         name=name, description=description, parity_tested=True, options=options,
-        denoise=functools.partial(fast_path.denoise_phase, options=options),
+        denoise=exact_float32(functools.partial(fast_path.denoise_phase, options=options)),
         pack=lambda params, consume=False: fast_path.pack(params, options, consume=consume),
         prepare=lambda params, num_steps: fast_path.prepare(params, num_steps, options=options),
         plan=lambda params, obs: fast_path.plan(params, obs, options=options),

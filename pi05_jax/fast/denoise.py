@@ -34,6 +34,7 @@ from pi05_jax.fast.prefix import CompactPrefix
 from pi05_jax.leaf_cache import LeafCache
 from pi05_jax.model import gemma, layer_stack, reference
 from pi05_jax.model.linear import promoted_dense
+from pi05_jax.model.precision import matmul_precision
 from pi05_jax.model.weights import weight_einsum
 
 # params[CONSTANTS_KEY]: {"adarms": the table of `modulation_table`, "layout": pi05_jax.fast.ops.Layout}
@@ -75,7 +76,11 @@ def modulation_table(params, num_steps: int) -> dict:
     """The device-resident modulation table for this checkpoint and num_steps, computed on first use."""
     sub = _conditioning_params(params)
     dtype = jnp.dtype(reference.params_dtype(params))
-    return _TABLES.get(sub, lambda: _table_jit(sub, num_steps=num_steps, dtype=dtype), tag=(num_steps, dtype.name))
+    def compute():
+        with matmul_precision(dtype):  # float32 models: float32 GEMMs, as their phases (pi05_jax.model.precision)
+            return _table_jit(sub, num_steps=num_steps, dtype=dtype)
+
+    return _TABLES.get(sub, compute, tag=(num_steps, dtype.name))
 
 
 def with_constants(params, num_steps: int, layout) -> dict:
