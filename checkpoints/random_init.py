@@ -65,10 +65,12 @@ def random_norm_stats(action_dim: int, state_dim: int, *, seed: int = 0) -> dict
 
 
 def write_random_checkpoint(path: str | pathlib.Path, config: Pi05Config, *, seed: int = 0,
-                            value_suffix: bool = False, dtype=np.float32) -> pathlib.Path:
+                            value_suffix: bool = False, dtype=np.float32, params=None) -> pathlib.Path:
     """A complete openpi-layout checkpoint directory: params, a 'demo' norm-stats asset and a small tokenizer
-    that fits the vocabulary (`<path>/tokenizer.model`, `checkpoints.demo_tokenizer`)."""
-    params = random_params(config, seed=seed, dtype=dtype)
+    that fits the vocabulary (`<path>/tokenizer.model`, `checkpoints.demo_tokenizer`). `params`: weights drawn
+    elsewhere (host arrays of the config's shapes) instead of `random_params(config, seed, dtype)`."""
+    if params is None:
+        params = random_params(config, seed=seed, dtype=dtype)
     stats = random_norm_stats(config.action_dim, 8, seed=seed)
     root = save_params(path, params, value_suffix=value_suffix, norm_stats={"demo": stats})
     write_demo_tokenizer(root, config.vocab_size)

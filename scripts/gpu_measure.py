@@ -394,9 +394,7 @@ def make_random_checkpoint(path: pathlib.Path, config, preset_name: str) -> tupl
     Reused when a complete one is already there."""
     import jax
 
-    from checkpoints.demo_tokenizer import write_demo_tokenizer
-    from checkpoints.openpi_io import save_params
-    from checkpoints.random_init import random_norm_stats
+    from checkpoints.random_init import write_random_checkpoint
     from pi05_jax.bench.selection import random_weights
 
     done = path / "COMPLETE"
@@ -408,8 +406,7 @@ def make_random_checkpoint(path: pathlib.Path, config, preset_name: str) -> tupl
     params = jax.tree.map(np.asarray, jax.device_get(random_weights(config, seed=0, dtype=dtype)))
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    root = save_params(tmp, params, norm_stats={"demo": random_norm_stats(config.action_dim, 8, seed=0)})
-    write_demo_tokenizer(root, config.vocab_size)
+    write_random_checkpoint(tmp, config, seed=0, params=params)
     del params
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
@@ -517,10 +514,6 @@ def _msv(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.1f}"
 
 
-def _rate(hz: float) -> str:
-    return "closed loop" if hz == 0 else f"{hz:g} Hz"
-
-
 def _mib(b) -> str:
     return "-" if b is None else f"{b / 2**20:.0f}"
 
@@ -548,6 +541,7 @@ def stage_loadtest(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers (finally below) on a time limit
     from pi05_jax.bench.report import write_json
     from pi05_jax.bench.suite import commit
+    from pi05_jax.commands.loadtest import rate_text
 
     work = pathlib.Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -659,7 +653,7 @@ def stage_loadtest(args) -> int:
                       str(n_clients), "--rate", f"{rate:g}", "--duration", f"{duration:g}", "--requests", str(requests),
                       "--seed", str(args.seed + run_no), "--stats-every", "5", "--prompt-words", str(prompt_words),
                       "--output", str(out)]
-                what = f"{n_clients} clients x {_rate(rate)} for {duration:.0f} s"
+                what = f"{n_clients} clients x {rate_text(rate)} for {duration:.0f} s"
                 say(f"run {run_no}: {name} server (--max-batch {max_batch}), {what}")
                 t_begin = time.perf_counter() - T0
                 try:
@@ -700,6 +694,8 @@ def stage_loadtest(args) -> int:
 
 
 def loadtest_report(doc: dict, args, save) -> int:
+    from pi05_jax.commands.loadtest import rate_text
+
     runs, servers = doc["runs"], doc["servers"]
     rows = []
     for r in runs:
@@ -707,7 +703,7 @@ def loadtest_report(doc: dict, args, save) -> int:
         lat = rep.get("latency_ms") or {}
         tok = rep.get("prompt_tokens") or {}
         dev = r.get("device_bytes_in_use")
-        rows.append([f"{r['server']} (max {r['max_batch']})", f"{r['clients']} x {_rate(r['rate_hz'])}",
+        rows.append([f"{r['server']} (max {r['max_batch']})", f"{r['clients']} x {rate_text(r['rate_hz'])}",
                      "skipped" if r.get("skipped") else f"{r['seconds']:g}" + (
                          f" (of {r['seconds_asked']:g})" if r["seconds"] < r["seconds_asked"] else ""),
                      str(rep.get("replies", "-")), f"{rep['throughput_rps']:.1f}" if rep else "-",
@@ -744,7 +740,7 @@ def loadtest_report(doc: dict, args, save) -> int:
         ratio = b["report"]["throughput_rps"] / s["report"]["throughput_rps"]
         ratios.append({"load": label, "clients": clients, "rate_hz": rate, "ratio": ratio,
                        "batched_rps": b["report"]["throughput_rps"], "solo_rps": s["report"]["throughput_rps"]})
-        print(f"batched / solo throughput {label} ({clients} clients x {_rate(rate)}): "
+        print(f"batched / solo throughput {label} ({clients} clients x {rate_text(rate)}): "
               f"{b['report']['throughput_rps']:.1f} / "
               f"{s['report']['throughput_rps']:.1f} = {ratio:.2f}x")
     doc["ratios"] = ratios

@@ -76,6 +76,7 @@ def modulation_table(params, num_steps: int) -> dict:
     """The device-resident modulation table for this checkpoint and num_steps, computed on first use."""
     sub = _conditioning_params(params)
     dtype = jnp.dtype(reference.params_dtype(params))
+
     def compute():
         with matmul_precision(dtype):  # float32 models: float32 GEMMs, as their phases (pi05_jax.model.precision)
             return _table_jit(sub, num_steps=num_steps, dtype=dtype)

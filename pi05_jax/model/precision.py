@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pi05_jax.model.reference import params_dtype
+
 
 def matmul_precision(dtype):
     """A context manager: float32 -> JAX's default matmul precision "float32"; any other dtype -> no change."""
@@ -25,16 +27,12 @@ def matmul_precision(dtype):
     return contextlib.nullcontext()
 
 
-def _params_dtype(params):
-    return params["PaliGemma"]["llm"]["embedder"]["input_embedding"].dtype
-
-
 def exact_float32(phase):
     """phase(params, ...) traced under `matmul_precision` of the params' dtype."""
 
     @functools.wraps(phase)
     def traced(params, *args, **kwargs):
-        with matmul_precision(_params_dtype(params)):
+        with matmul_precision(params_dtype(params)):
             return phase(params, *args, **kwargs)
 
     return traced
