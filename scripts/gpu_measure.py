@@ -5,6 +5,7 @@ Run on the device machine from the repository root (its python3 holds jax with C
 
     export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
     python3 scripts/gpu_measure.py time --preset full --kernels reference,pallas [--rounds 5 --runs 20] [--phases]
+        [--weights float,fp8:siglip+prefix:static]
     python3 scripts/gpu_measure.py soak --kernels pallas [--calls 1000 --views 1,2,3 --prompt-lens 20,60 --quantize fp8]
     python3 scripts/gpu_measure.py gpu-tests [PYTEST ARGS...]          (default: every gpu-marked test in tests/)
     python3 scripts/gpu_measure.py ceilings
@@ -18,7 +19,9 @@ Stages:
               is the figure `pi05 bench` reports as "total" for the same arguments. --rounds repeats it; reported:
               median [p10 - p90] over every timed call, the spread of the round medians, the speedup over the
               first implementation, and its actions' relative error against the first. --phases adds each phase jitted
-              alone to the interleaving (bench's phase figures).
+              alone to the interleaving (bench's phase figures). --weights float,fp8:siglip+prefix:static,...
+              times each implementation on each set of weights (quantized in memory from the same random weights;
+              static scales calibrated on the timed inputs): the bf16-vs-FP8 comparison in one run.
   soak        --calls consecutive calls through the deployed path (runtime.Model holding the implementation's
               packed weights, the stacked originals freed as Model.load does), inputs varied call to call (each
               combination of --views and --prompt-lens, 16 noise draws); counts NaN/Inf, samples device memory every
@@ -120,10 +123,20 @@ def stage_time(args) -> int:
     sel = Selection.from_args(args)
     say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}: {sel.describe()}")
     built = build(sel, say)
+    variants = weight_variants(args.weights, built, sel, say)
     compiled: dict[str, runner.Compiled] = {}
-    for impl in resolve(",".join(sel.kernels)):
-        p = phased(impl, built.params, built.obs, sel.steps)
-        compiled[impl.name] = runner.compile_calls(p, built.obs, built.noise, say=say, phases=args.phases)
+    failed: dict[str, str] = {}
+    for label, params in variants.items():
+        for impl in resolve(",".join(sel.kernels)):
+            name = impl.name if len(variants) == 1 else f"{impl.name}/{label}"
+            try:
+                p = phased(impl, params, built.obs, sel.steps)
+                compiled[name] = runner.compile_calls(p, built.obs, built.noise, say=say, phases=args.phases)
+            except Exception as e:  # one variant that does not compile on this card: report it, time the others
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                say(f"[{name}] FAILED: {failed[name]}")
+    if not compiled:
+        return 1
     calls = {(name, key): call for name, c in compiled.items() for key, call in c.calls.items()}
     times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
     round_medians: dict[str, list[float]] = {name: [] for name in compiled}
@@ -137,6 +150,8 @@ def stage_time(args) -> int:
 
     names = list(compiled)
     first = names[0]
+    for name in names:
+        say(f"[{name}] GEMMs in the compiled sample (distinct ops): {gemm_census(compiled[name].sample.as_text())}")
     total = {name: runner.stats(times[(name, "total")]) for name in names}
     rows, results = [], []
     for name in names:
@@ -167,9 +182,68 @@ def stage_time(args) -> int:
                   "rel err vs first", "host prep", *((*PHASES, "sum/total") if args.phases else ())], rows))
     if args.json:
         doc = {"schema": "pi05-gpu-measure-time/1", **commit(), "argv": sys.argv, "device": hardware.device_info(),
-               "selection": sel.as_dict(), "rounds": args.rounds, "implementations": results}
+               "selection": sel.as_dict(), "rounds": args.rounds, "implementations": results, "failed": failed}
         print(f"wrote {report.write_json(doc, args.json)}")
-    return 0 if all(r["actions_finite"] for r in results) else 1
+    for name, why in failed.items():
+        print(f"{name}: FAILED to compile: {why}")
+    return 0 if all(r["actions_finite"] for r in results) and not failed else 1
+
+
+GEMM_TARGETS = {"cuBLASLt FP8": '"__cublas$lt$matmul$f8"', "cuBLASLt": '"__cublas$lt$matmul"',
+                "cuBLAS": '"__cublas$gemm"', "Triton GEMM": '"__triton_gemm"'}
+
+
+def gemm_census(hlo_text: str) -> str:
+    """How many distinct GEMM ops of each kind XLA's optimized HLO holds (which library the FP8 dots reached)."""
+    counts = {kind: hlo_text.count(marker) for kind, marker in GEMM_TARGETS.items()}
+    fp8_fusions = sum(1 for line in hlo_text.splitlines() if '"__triton_gemm"' in line and "f8e4m3fn" in line)
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (FP8 operands in {fp8_fusions} Triton GEMMs)"
+
+
+WEIGHTS_HELP = ("weights to time each implementation on, comma separated (default: %(default)s): 'float' (as "
+                "built, in --dtype) or 'fp8:PARTS:SCALING[:MATMUL]', the weights `pi05 quantize --format fp8 --parts "
+                "PARTS` makes, quantized in memory; PARTS siglip+prefix+expert joined by '+', SCALING 'dynamic' (per "
+                "token) or 'static' (per-tensor scales calibrated in memory, as --calibration does, on the timed "
+                "inputs); MATMUL an XLA form of pallas_kernels.fp8_matmul (direct, narrow, converted) or 'mosaic' "
+                "(its Mosaic GPU kernel); default: Fp8Options' default")
+
+
+def weight_variants(text: str, built, sel, say) -> dict[str, dict]:
+    """{label: params} for --weights; every variant is made from the one set of built weights."""
+    from checkpoints.quantize import PARTS, Plan, calibrate, quantize_params
+    from pallas_kernels.fp8_matmul import XLA_FORMS
+    from pi05_jax.quantized.fp8_weight import with_options
+
+    out, amax = {}, {}
+    for label in [w.strip() for w in text.split(",") if w.strip()]:
+        if label == "float":
+            out[label] = built.params
+            continue
+        fields = label.split(":")
+        parts = tuple(fields[1].split("+")) if len(fields) in (3, 4) else ()
+        matmul = fields[3] if len(fields) == 4 else None
+        if fields[0] != "fp8" or not parts or any(p not in PARTS for p in parts) or \
+                fields[2] not in ("dynamic", "static") or matmul not in (None, "mosaic", *XLA_FORMS):
+            raise SystemExit(f"--weights: {label!r} is not 'float' or 'fp8:PARTS:dynamic|static[:MATMUL]' with PARTS "
+                             f"from {'+'.join(PARTS)} and MATMUL one of {', '.join((*XLA_FORMS, 'mosaic'))}")
+        plan = Plan(fmt="fp8", parts=parts)
+        act = None
+        if fields[2] == "static":
+            if parts not in amax:
+                say(f"calibrating static activation scales for {'+'.join(parts)} on the timed inputs")
+                case = {"obs": built.obs, "noise": built.noise, "num_steps": sel.steps, "name": "bench inputs"}
+                amax[parts] = calibrate(built.params, [case], plan, progress=say)
+            act = amax[parts]
+        say(f"quantizing {label} in memory")
+        params = quantize_params(built.params, plan, act_amax=act)
+        if matmul == "mosaic":
+            params = with_options(params, backend="pallas")
+        elif matmul is not None:
+            params = with_options(params, xla_form=matmul)
+        out[label] = params
+    if not out:
+        raise SystemExit("--weights is empty")
+    return out
 
 
 # --- soak: the deployed path, inputs varied ------------------------------------------------------------------------
@@ -816,6 +890,7 @@ def parser() -> argparse.ArgumentParser:
                                                      "(default: %(default)s, bench's default)")
     t.add_argument("--rounds", type=int, default=5, help="bench timings in a row (default: %(default)s)")
     t.add_argument("--phases", action="store_true", help="also each phase jitted alone, interleaved")
+    t.add_argument("--weights", default="float", help=WEIGHTS_HELP)
     t.add_argument("--json", metavar="OUT.json", help="write every figure as JSON")
 
     s = sub.add_parser("soak", help="consecutive calls through the deployed path, inputs varied")
