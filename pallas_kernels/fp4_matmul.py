@@ -364,12 +364,13 @@ def main():
 
     def chain(op):
         def run(x, ws, tensor_scale):
-            out = None
+            # Every matmul's output is returned: one nothing uses is dropped by XLA (the barrier only orders them).
+            outs = []
             for w, s in ws:
-                if out is not None:
-                    _, x = lax.optimization_barrier((out, x))
-                out = op(x, w, s, tensor_scale)
-            return out
+                if outs:
+                    _, x = lax.optimization_barrier((outs[-1], x))
+                outs.append(op(x, w, s, tensor_scale))
+            return outs
         return jax.jit(run)
 
     print(f"{jax.devices()[0].device_kind}: FP4 weight-only matmuls, bf16 activations, {layers} layers chained")
@@ -386,7 +387,7 @@ def main():
         want = np.asarray(fp4_matmul_reference(x, *fp4[-1], tensor_scale, out_dtype=jnp.float32), np.float64)
         fns = {name: chain(op) for name, op in variants.items()}
         args = {"XLA bf16 einsum": (x, dense, tensor_scale), "Pallas fp4_matmul": (x, fp4, tensor_scale)}
-        outs = {name: np.asarray(jax.block_until_ready(fn(*args[name])), np.float64) for name, fn in fns.items()}
+        outs = {name: np.asarray(jax.block_until_ready(fn(*args[name]))[-1], np.float64) for name, fn in fns.items()}
         times = {name: [] for name in fns}
         for _ in range(3 + repeats):
             for name, fn in fns.items():

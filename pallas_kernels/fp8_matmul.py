@@ -13,8 +13,9 @@ Three implementations of the same math, to time per shape class (this module's `
   SMEM so K is its fastest axis, as 8-bit wgmma requires), the fp32 accumulator scaled by the row and column
   scales in registers, stored through SMEM.
 - `fp8_matmul(..., backend="triton")`: the same tiling as a `pallas_call` with the Triton lowering (fp8 tl.dot).
-- `fp8_matmul_xla`: `lax.dot_general` on the e4m3 arrays with preferred_element_type=float32, which XLA lowers to
-  cuBLASLt's FP8 GEMM (`__cublas$lt$matmul$f8`) on Hopper; the scales are a fused elementwise multiply after it.
+- `fp8_matmul_xla`: `lax.dot_general` on the e4m3 arrays with the output dtype as its result, which XLA lowers to
+  cuBLASLt's FP8 GEMM (`__cublas$lt$matmul$f8`) on Hopper; the scales are an elementwise multiply after it, fused
+  downstream.
 - `fp8_matmul_reference`: dequantize to float32, then a float32 matmul (HIGHEST precision): the ground truth.
 Both Pallas backends run on the CPU in interpret mode (chosen automatically when the default backend is the CPU).
 
@@ -36,7 +37,6 @@ from pallas_kernels._interpret import resolve_interpret
 
 E4M3 = jnp.float8_e4m3fn
 BACKENDS = ("mosaic", "triton")
-XLA_FORMS = ("direct", "narrow", "converted")  # fp8_matmul_xla's `form`
 _WGMMA_M = 64  # Hopper wgmma's fixed M per warpgroup instruction
 _SWIZZLES = (128, 64, 32)  # bytes; for e4m3 the K tile equals the swizzle
 
@@ -123,21 +123,15 @@ def fp8_matmul_reference(x_q, x_scale, w_q, w_scale, *, out_dtype=jnp.float32):
     return y.astype(out_dtype)
 
 
-def fp8_matmul_xla(x_q, x_scale, w_q, w_scale, *, out_dtype=jnp.bfloat16, form: str = "direct"):
-    """XLA's own FP8 path: dot_general on the e4m3 arrays (cuBLASLt FP8 GEMM on Hopper, the operands already in its
-    TN layout), then the row and column scales as one fused elementwise epilogue.
-    form "direct" hands XLA the e4m3 operands and asks for a float32 result; "narrow" asks the GEMM for `out_dtype`
-    (cuBLASLt accumulates in fp32 and writes bfloat16: half the bytes out, and the scales applied in float32 by the
-    consumer's fusion, one more rounding); "converted" writes dot(convert(x_q), convert(w_q)) in bfloat16, the other
-    pattern XLA's GEMM rewriter turns into the FP8 GEMM (exact: every e4m3 value is a bfloat16 value)."""
+def fp8_matmul_xla(x_q, x_scale, w_q, w_scale, *, out_dtype=jnp.bfloat16):
+    """XLA's own FP8 path: dot_general on the e4m3 arrays asking for `out_dtype` (cuBLASLt's FP8 GEMM on Hopper, the
+    operands already in its TN layout; it accumulates in fp32 and writes `out_dtype`), then the row and column scales
+    in float32 as an elementwise epilogue that XLA fuses into the consumer. With a bfloat16 result that is one more
+    rounding than scaling the fp32 accumulator, and half the bytes out; a float32 result (the "direct" form, and
+    dot on bfloat16 converts, "converted": tag fp8-xla-forms) was slower end to end on an H200 (docs/PERF.md)."""
     _check_operands(x_q, x_scale, w_q, w_scale)
-    if form not in XLA_FORMS:
-        raise ValueError(f"unknown fp8_matmul_xla form {form!r}; choose one of {XLA_FORMS}")
     m, n = x_q.shape[0], w_q.shape[0]
-    if form == "converted":
-        x_q, w_q = x_q.astype(jnp.bfloat16), w_q.astype(jnp.bfloat16)
-    acc_dtype = out_dtype if form == "narrow" else jnp.float32
-    acc = lax.dot_general(x_q, w_q, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)
+    acc = lax.dot_general(x_q, w_q, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
     xs = _broadcast_scale(x_scale, m, "x_scale")
     ws = _broadcast_scale(w_scale, n, "w_scale")
     return (acc.astype(jnp.float32) * xs[:, None] * ws[None, :]).astype(out_dtype)
@@ -302,7 +296,7 @@ def fp8_matmul(x_q, x_scale, w_q, w_scale, *, out_dtype=jnp.bfloat16, block_size
 def main():
     """Micro-benchmark on a GPU (`python -m pallas_kernels.fp8_matmul [--shapes vision,prefill,denoise]`): the FP8
     GEMM at the model's shapes (SigLIP at M = 512: two views; the prefix LLM at M = 576: its 2-view + 60-token bucket;
-    the action expert at M = 50) through XLA in each form (direct: fp32 result; narrow: bf16 result), the Mosaic GPU
+    the action expert at M = 50) through XLA (cuBLASLt), the Mosaic GPU
     and Triton kernels (default tiles), beside the bf16 GEMM the bf16 model runs (bf16 in, bf16 out, no scales).
     18 GEMMs chained in one jit, each with its own weight (so weights stream from HBM) and ordered after the one
     before by an optimization barrier; median of interleaved calls after warm-up, per GEMM; errors against the
@@ -347,19 +341,20 @@ def main():
         return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
 
     variants = {"bf16 GEMM (XLA)": bf16,
-                "XLA FP8 direct": functools.partial(fp8_matmul_xla, form="direct"),
-                "XLA FP8 narrow": functools.partial(fp8_matmul_xla, form="narrow"),
+                "XLA FP8 GEMM": fp8_matmul_xla,
                 "Pallas Mosaic GPU": functools.partial(fp8_matmul, backend="mosaic", interpret=False),
                 "Pallas Triton": functools.partial(fp8_matmul, backend="triton", interpret=False)}
 
     def chain(op):
         def run(x_q, x_scale, ws):  # x_q: e4m3, or bf16 for the bf16 GEMM
-            out = None
+            # Every GEMM's output is returned: an output nothing uses is dropped by XLA (the barrier orders the
+            # GEMMs, it does not keep them alive), which made an earlier version of this loop time one GEMM of 18.
+            outs = []
             for w_q, w_scale in ws:
-                if out is not None:
-                    _, x_q = lax.optimization_barrier((out, x_q))
-                out = op(x_q, x_scale, w_q, w_scale)
-            return out
+                if outs:
+                    _, x_q = lax.optimization_barrier((outs[-1], x_q))
+                outs.append(op(x_q, x_scale, w_q, w_scale))
+            return outs
         return jax.jit(run)
 
     print(f"FP8 (e4m3) GEMMs, {layers} chained, each its own weight; us per GEMM")
@@ -376,7 +371,7 @@ def main():
         for name, op in variants.items():
             try:
                 fns[name] = chain(op)
-                outs[name] = np.asarray(jax.block_until_ready(fns[name](*args[name])), np.float64)
+                outs[name] = np.asarray(jax.block_until_ready(fns[name](*args[name]))[-1], np.float64)
             except Exception as e:  # e.g. a backend that does not lower on this card: report it, time the others
                 fns.pop(name)
                 print(f"  {label:16s} {name:20s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150]}")

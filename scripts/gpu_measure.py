@@ -204,14 +204,13 @@ WEIGHTS_HELP = ("weights to time each implementation on, comma separated (defaul
                 "built, in --dtype) or 'fp8:PARTS:SCALING[:MATMUL]', the weights `pi05 quantize --format fp8 --parts "
                 "PARTS` makes, quantized in memory; PARTS siglip+prefix+expert joined by '+', SCALING 'dynamic' (per "
                 "token) or 'static' (per-tensor scales calibrated in memory, as --calibration does, on the timed "
-                "inputs); MATMUL an XLA form of pallas_kernels.fp8_matmul (direct, narrow, converted) or 'mosaic' "
-                "(its Mosaic GPU kernel); default: Fp8Options' default")
+                "inputs); MATMUL 'xla' (cuBLASLt) or 'mosaic' (pallas_kernels.fp8_matmul's Mosaic GPU kernel); "
+                "default: Fp8Options' default backend")
 
 
 def weight_variants(text: str, built, sel, say) -> dict[str, dict]:
     """{label: params} for --weights; every variant is made from the one set of built weights."""
     from checkpoints.quantize import PARTS, Plan, calibrate, quantize_params
-    from pallas_kernels.fp8_matmul import XLA_FORMS
     from pi05_jax.quantized.fp8_weight import with_options
 
     out, amax = {}, {}
@@ -223,9 +222,9 @@ def weight_variants(text: str, built, sel, say) -> dict[str, dict]:
         parts = tuple(fields[1].split("+")) if len(fields) in (3, 4) else ()
         matmul = fields[3] if len(fields) == 4 else None
         if fields[0] != "fp8" or not parts or any(p not in PARTS for p in parts) or \
-                fields[2] not in ("dynamic", "static") or matmul not in (None, "mosaic", *XLA_FORMS):
+                fields[2] not in ("dynamic", "static") or matmul not in (None, "xla", "mosaic"):
             raise SystemExit(f"--weights: {label!r} is not 'float' or 'fp8:PARTS:dynamic|static[:MATMUL]' with PARTS "
-                             f"from {'+'.join(PARTS)} and MATMUL one of {', '.join((*XLA_FORMS, 'mosaic'))}")
+                             f"from {'+'.join(PARTS)} and MATMUL xla or mosaic")
         plan = Plan(fmt="fp8", parts=parts)
         act = None
         if fields[2] == "static":
@@ -238,8 +237,8 @@ def weight_variants(text: str, built, sel, say) -> dict[str, dict]:
         params = quantize_params(built.params, plan, act_amax=act)
         if matmul == "mosaic":
             params = with_options(params, backend="pallas")
-        elif matmul is not None:
-            params = with_options(params, xla_form=matmul)
+        elif matmul == "xla":
+            params = with_options(params, backend="xla")
         out[label] = params
     if not out:
         raise SystemExit("--weights is empty")

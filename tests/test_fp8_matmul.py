@@ -18,7 +18,6 @@ import pytest
 
 from pallas_kernels.fp8_matmul import (
     E4M3,
-    XLA_FORMS,
     Fp8MatmulBlockSizes,
     default_block_sizes,
     fp8_matmul,
@@ -119,12 +118,11 @@ def test_kernel_per_tensor_activation_scale(backend):
     _check(y, _numpy_reference(x_q, np.full(64, 0.0123, np.float32), w_q, w_scale), jnp.float32)
 
 
-@pytest.mark.parametrize("form", XLA_FORMS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("label,m,k,n_full", SHAPES[:6], ids=lambda v: str(v))
-def test_xla_f8_path(label, m, k, n_full, dtype, form):
+def test_xla_f8_path(label, m, k, n_full, dtype):
     ops = _operands(m, k, min(n_full, 512), seed=4)
-    y = fp8_matmul_xla(*ops, out_dtype=dtype, form=form)
+    y = fp8_matmul_xla(*ops, out_dtype=dtype)
     assert y.dtype == dtype
     _check(y, _numpy_reference(*ops), dtype)
 

@@ -24,7 +24,10 @@ for the Pallas kernel option); on the CPU they are emulated (dequantize, float32
 
 --calibration takes model-level cases (`<case>/in/...`, the layout of model_cases.npz and `pi05 infer --inputs`):
 the float model runs on them once and each quantized matmul gets a static activation scale (amax / 448) per layer.
-Without it activations get one scale per token at run time (dynamic; the default, as accurate or better).
+Without it activations get one scale per token at run time (dynamic; as accurate, but a row-max pass per matmul).
+On an H200 (docs/PERF.md, session 8) FP8 SigLIP + prefix with static scales ran 1.07x faster end to end than
+bfloat16 and with dynamic scales 1.02x; the gain was all in the prefix LLM (SigLIP in FP8 was slower than
+bfloat16), so for speed on Hopper: --parts prefix --calibration FILE (the prefix alone not yet timed end to end).
 
 examples:
   pi05 quantize --checkpoint ckpt/pi05_libero --format fp8 --output ckpt/pi05_libero_fp8

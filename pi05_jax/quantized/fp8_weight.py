@@ -27,10 +27,6 @@ Options (`Fp8Options`, set module-wide with `set_options(...)` / `with options(.
                "pallas":  pallas_kernels.fp8_matmul, Mosaic GPU wgmma;  "pallas_triton": its Triton lowering
   activations  "auto" (default): static when the weight carries a calibrated act_scale, else dynamic per token
                "dynamic" / "static" force one ("static" without a calibrated scale is an error)
-  xla_form     "direct" (default): dot_general on the e4m3 arrays, float32 result; "narrow": the GEMM writes the
-               activation dtype (bfloat16) and the scales follow in float32; "converted": dot on their exact
-               bfloat16 converts (the other pattern XLA's GEMM rewriter maps to the FP8 GEMM); docs/PERF.md says
-               which is faster where
 Options are read when a function is traced: a jitted sampler compiled before `set_options` keeps its old choice.
 To switch after compiling, pass params from `with_options(params, backend=...)`: the choice is then static
 metadata of each weight's pytree node, so the new params compile their own executable.
@@ -47,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.fp8_matmul import XLA_FORMS
 from pi05_jax.quantized import QuantizationError
 
 E4M3 = jnp.float8_e4m3fn
@@ -60,13 +55,10 @@ ACTIVATIONS = ("auto", "dynamic", "static")
 class Fp8Options:
     backend: str = "auto"
     activations: str = "auto"
-    xla_form: str = "direct"  # pallas_kernels.fp8_matmul.fp8_matmul_xla's `form` (XLA_FORMS there)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown FP8 backend {self.backend!r}; choose one of {BACKENDS}")
-        if self.xla_form not in XLA_FORMS:
-            raise ValueError(f"unknown FP8 XLA form {self.xla_form!r}; choose one of {XLA_FORMS}")
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"unknown FP8 activation scaling {self.activations!r}; choose one of {ACTIVATIONS}")
 
@@ -336,8 +328,7 @@ class Fp8Weight:
         if backend == "emulate":
             y = kernels.fp8_matmul_reference(x_q, x_scale, self.values, self.scales, out_dtype=out_dtype)
         elif backend == "xla":
-            y = kernels.fp8_matmul_xla(x_q, x_scale, self.values, self.scales, out_dtype=out_dtype,
-                                       form=opts.xla_form)
+            y = kernels.fp8_matmul_xla(x_q, x_scale, self.values, self.scales, out_dtype=out_dtype)
         else:
             y = kernels.fp8_matmul(x_q, x_scale, self.values, self.scales, out_dtype=out_dtype,
                                    backend="mosaic" if backend == "pallas" else "triton")
