@@ -73,6 +73,53 @@ def test_bench_runs_a_quantized_checkpoint_on_the_cpu(quantized, tmp_path):
         assert r["actions_rel_err_vs_first"] <= 0.05, (r["name"], r["actions_rel_err_vs_first"])
 
 
+def test_bench_compares_a_checkpoint_with_its_quantized_copy_in_one_run(quantized, reference_dir, tmp_path):
+    """`pi05 bench --checkpoint A --compare-checkpoint B`: both timed in one run, and the comparison's figures are the
+    two models' own: its relative error equals the one computed here from each checkpoint's actions (runtime.Model,
+    bench's inputs) and meets the FP8 gate against the float32 checkpoint."""
+    from pi05_jax.runtime import Model
+    from pi05_jax.synthetic import synthetic_noise, synthetic_observation
+
+    src, fp8 = reference_dir / "checkpoint", quantized["fp8"]
+    code, out, err = run_cli(["bench", "--checkpoint", str(src), "--compare-checkpoint", str(fp8), "--device", "cpu",
+                              "--kernels", "compact", "--runs", "1", "--steps", "2", "--views", "1", "--prompt-len",
+                              "10", "--dtype", "float32", "--quiet", "--json", str(tmp_path / "b.json")])
+    assert code == 0, err[-2000:]
+    doc = json.loads((tmp_path / "b.json").read_text())
+    first, second = doc["implementations"]
+    assert (first["name"], second["name"]) == ("compact", f"compact@{fp8.name}")
+    assert (first["checkpoint"], second["checkpoint"]) == (str(src), str(fp8))
+    assert f"compact@{fp8.name}" in out and "--compare-checkpoint" in doc["command"]
+    assert second["speedup_vs_first"] > 0 and first["actions_rel_err_vs_first"] == 0.0
+    actions = {}
+    for name, ckpt in (("float", src), ("fp8", fp8)):
+        model = Model.load(ckpt, dtype="float32", kernels="compact")
+        obs = synthetic_observation(model.config, batch=1, views=1, prompt_len=10, seed=0)
+        actions[name] = np.asarray(model.sample(obs, noise=synthetic_noise(model.config, batch=1, seed=0),
+                                                num_steps=2), np.float64)
+    want = np.linalg.norm(actions["fp8"] - actions["float"]) / np.linalg.norm(actions["float"])
+    assert want > 0 and abs(second["actions_rel_err_vs_first"] - want) <= 1e-5 * want, (second, want)
+    assert abs(second["actions_cos_vs_first"] - cosine(actions["fp8"], actions["float"])) <= 1e-9
+    _meets_gate(actions["fp8"], actions["float"])
+
+
+def test_bench_refuses_to_compare_different_architectures(reference_dir, tmp_path):
+    import dataclasses
+
+    from checkpoints.openpi_io import read_config
+    from checkpoints.random_init import write_random_checkpoint
+
+    src = reference_dir / "checkpoint"
+    config = read_config(src)
+    other = write_random_checkpoint(tmp_path / "other", dataclasses.replace(config, action_dim=config.action_dim + 1))
+    code, _, err = run_cli(["bench", "--checkpoint", str(src), "--compare-checkpoint", str(other), "--device", "cpu",
+                            "--quiet"])
+    assert code == 2 and "--compare-checkpoint" in err and "action_dim" in err, err[-1500:]
+    code, _, err = run_cli(["bench", "--preset", "tiny", "--compare-checkpoint", str(src), "--device", "cpu",
+                            "--quiet"])
+    assert code == 2 and "needs --checkpoint" in err, err[-1500:]
+
+
 def test_profile_traces_a_quantized_checkpoint(quantized, tmp_path):
     code, out, err = run_cli(["profile", "--checkpoint", str(quantized["fp4"]), "--device", "cpu", "--kernels",
                               "compact", "--runs", "1", "--steps", "2", "--views", "1", "--prompt-len", "10",

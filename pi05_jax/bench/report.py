@@ -46,7 +46,7 @@ def text(doc: dict) -> str:
     rows = []
     for r in doc["implementations"]:
         if "error" in r:
-            rows.append([r["name"], "FAILED", r["error"][:60], "", "", "", "", "", "", "", ""])
+            rows.append([r["name"], "FAILED", r["error"][:60], "", "", "", "", "", "", "", "", ""])
             continue
         t = r["total"]
         mem = r["memory"]["device_peak_bytes"]
@@ -54,13 +54,14 @@ def text(doc: dict) -> str:
         plan = f"plan {_bytes(exe['total_bytes'])}" if exe["available"] else "no plan"
         mem_s = f"{_bytes(mem)} ({plan})" if mem is not None else f"n/a ({plan})"
         speed = "" if r.get("speedup_vs_first") is None else f"{r['speedup_vs_first']:.2f}x"
+        err = "" if r.get("actions_rel_err_vs_first") is None else f"{r['actions_rel_err_vs_first']:.1e}"
         add = f"{r['phase_sum_over_total'] * 100:.0f}% {'ok' if r['phases_add_up'] else 'NO'}"
         prep = _ms(r["host_prepare"]["median_s"]) if r.get("host_prepare") else "-"
         rows.append([r["name"], f"{r['compile_s']:.1f} s", f"{_ms(t['median_s'])} [{_ms(t['p10_s'])} - "
                      f"{_ms(t['p90_s'])}]", f"{r['hz']:.1f}", *(_ms(r["phases"][p]["median_s"]) for p in PHASES),
-                     add, prep, mem_s, speed])
+                     add, prep, mem_s, speed, err])
     lines += _table(["impl", "compile", "total", "Hz", "vision", "prefill", "denoise", "sum/total", "host prep",
-                     "peak mem", "speedup vs first"], rows)
+                     "peak mem", "speedup vs first", "rel err vs first"], rows)
     if any(r.get("host_prepare") for r in doc["implementations"]):
         lines.append("  host prep: the host work before each call (the plan from the masks, sampler.sample_prepared; "
                      "not in total)")

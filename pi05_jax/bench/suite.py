@@ -123,9 +123,11 @@ def projection_section(costs: dict, dtype: str, eff: dict | None) -> dict:
 
 
 def run_bench(sel: Selection, *, say, startup: bool = False, extra_args: list[str] | None = None,
-              vision_engines=None) -> dict:
+              vision_engines=None, compare_checkpoint: str | None = None) -> dict:
     """`vision_engines` (a bridges.vision_bridge.EngineSet): also time each implementation's vision phase through
-    the engine(s), next to its XLA vision phase (result key "vision_bridged")."""
+    the engine(s), next to its XLA vision phase (result key "vision_bridged"). `compare_checkpoint`: a second
+    checkpoint of the same architecture (e.g. `pi05 quantize`'s output of --checkpoint); every implementation is
+    timed on its weights too, right after the same implementation on --checkpoint's, named `<impl>@<dir name>`."""
     from pi05_jax.runtime import DTYPES
 
     info = hardware.device_info()
@@ -134,23 +136,29 @@ def run_bench(sel: Selection, *, say, startup: bool = False, extra_args: list[st
     say(f"ceilings: {ceilings['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s copy, "
         f"{ceilings['matmul']['flops_per_s'] / 1e12:.2f} TFLOP/s {sel.dtype} matmul")
     built = build(sel, say)
+    weight_sets = [(None, built.params)]
+    if compare_checkpoint is not None:
+        weight_sets.append((compare_checkpoint, load_compared(sel, compare_checkpoint, say)))
     in_use, _, mem_reason = hardware.bytes_in_use()
     datasheet = hardware.datasheet_rates(info["device_kind"], DTYPES[sel.dtype])
     section, costs = roofline_section(sel, built.params, ceilings, datasheet)
 
     results = []
     for impl in resolve(",".join(sel.kernels)):
-        try:
-            p = phased(impl, built.params, built.obs, sel.steps)
-            r = run_implementation(p, built.obs, built.noise, runs=sel.runs, say=say)
-        except Exception as e:  # one broken implementation must not hide the others' figures
-            say(f"[{impl.name}] FAILED: {type(e).__name__}: {e}")
-            results.append({"name": impl.name, "error": f"{type(e).__name__}: {str(e)[:500]}"})
-            continue
-        if vision_engines is not None:
-            r["vision_bridged"] = run_bridged_vision(impl, vision_engines, built.params, built.obs, sel.steps,
-                                                     runs=sel.runs, say=say)
-        results.append(r)
+        for ckpt, params in weight_sets:
+            name = impl.name if ckpt is None else f"{impl.name}@{compared_label(ckpt)}"
+            try:
+                p = phased(impl, params, built.obs, sel.steps)
+                r = run_implementation(p, built.obs, built.noise, runs=sel.runs, say=say)
+            except Exception as e:  # one broken implementation must not hide the others' figures
+                say(f"[{name}] FAILED: {type(e).__name__}: {e}")
+                results.append({"name": name, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+                continue
+            r["name"], r["checkpoint"] = name, ckpt or sel.checkpoint
+            if vision_engines is not None:
+                r["vision_bridged"] = run_bridged_vision(impl, vision_engines, params, built.obs, sel.steps,
+                                                         runs=sel.runs, say=say)
+            results.append(r)
     _annotate(results, section)
 
     eff = hardware.efficiency(ceilings, info["device_kind"], DTYPES[sel.dtype])
@@ -177,6 +185,30 @@ def run_bench(sel: Selection, *, say, startup: bool = False, extra_args: list[st
     return doc
 
 
+def compared_label(checkpoint: str) -> str:
+    return pathlib.Path(checkpoint).resolve().name or "compared"
+
+
+def load_compared(sel: Selection, checkpoint: str, say) -> dict:
+    """--compare-checkpoint's params, in --dtype; its architecture must be --checkpoint's (the same inputs run on
+    both, and the floor is counted once)."""
+    import jax
+
+    from checkpoints.openpi_io import load_params, read_config
+    from pi05_jax.commands.common import UsageError
+    from pi05_jax.runtime import DTYPES
+
+    config = read_config(checkpoint)
+    if config != sel.config:
+        diff = [f"{k}: {v} vs {getattr(config, k)}" for k, v in vars(sel.config).items() if getattr(config, k) != v]
+        raise UsageError(f"--compare-checkpoint {checkpoint} is not the architecture of --checkpoint "
+                         f"{sel.checkpoint} ({'; '.join(diff)}): compare checkpoints of one model, e.g. a "
+                         f"checkpoint and its `pi05 quantize` output")
+    say(f"loading --compare-checkpoint {checkpoint}")
+    _, params = load_params(checkpoint, dtype=DTYPES[sel.dtype], progress=say)
+    return jax.block_until_ready(params)
+
+
 def _annotate(results: list[dict], section: dict) -> None:
     """Ratios against the first implementation, distance from the floor, token accounting; drop raw actions."""
     ok = [r for r in results if "error" not in r]
@@ -190,9 +222,11 @@ def _annotate(results: list[dict], section: dict) -> None:
             r["speedup_vs_first"] = first["total"]["median_s"] / r["total"]["median_s"]
             a, b = r["actions"].astype(np.float64), first["actions"].astype(np.float64)
             r["actions_rel_err_vs_first"] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+            r["actions_cos_vs_first"] = float(np.sum(a * b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
         else:
             r["speedup_vs_first"] = None
             r["actions_rel_err_vs_first"] = None
+            r["actions_cos_vs_first"] = None
     for r in ok:
         r.pop("actions")
     if results and "error" in results[0]:

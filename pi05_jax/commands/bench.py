@@ -24,6 +24,9 @@ examples:
   pi05 bench --preset full --views 2 --prompt-len 60 --steps 10 --kernels reference --json ref.json --plot ref.png
   pi05 bench --preset full --kernels reference,pallas             speedup of pallas over reference, same run
   pi05 bench --checkpoint ckpt/pi05_libero --startup               adds cold/warm start-up in fresh processes
+  pi05 bench --checkpoint ckpt/pi05_libero --compare-checkpoint ckpt/pi05_libero_fp8 --kernels pallas
+                          bf16 against its FP8 copy (`pi05 quantize`) in one run: pallas, then pallas@pi05_libero_fp8,
+                          the speedup and the actions' relative error / cosine against the first row
   pi05 bench --checkpoint ckpt/ --batch 1 --views 2 --kernels reference,compact \\
       --vision tensorrt --vision-engine siglip_v3.plan,siglip_v2.plan
                           also times each implementation's vision phase through the engine, next to XLA's
@@ -54,6 +57,10 @@ def register(sub) -> None:
                    help="data parallel instead of the phase breakdown: each implementation timed at --batch rows "
                         "on one device and at --batch x N rows sharded over N local devices ('all': every one), "
                         "with throughput and latency compared (default: %(default)s, the one-device bench)")
+    p.add_argument("--compare-checkpoint", metavar="DIR2", default=None,
+                   help="a second checkpoint of the same architecture (e.g. --checkpoint's `pi05 quantize` output): "
+                        "each implementation is also timed on its weights, on the same inputs, as <impl>@<DIR2 name> "
+                        "(the roofline floor stays --checkpoint's)")
     p.add_argument("--startup", action="store_true",
                    help="also measure start-up (weights, compile, first action, memory) in two fresh processes: "
                         "cold, then with JAX's persistent compilation cache warm")
@@ -65,17 +72,22 @@ def run(args) -> int:
     from pi05_jax.bench import report
     from pi05_jax.bench.selection import Selection
     from pi05_jax.bench.suite import run_bench
+    from pi05_jax.commands.common import UsageError
 
     say = Progress(args.quiet)
     sel = Selection.from_args(args)
     devices = _devices(args)
     if devices > 1:
         return run_devices(args, sel, devices, say)
+    if args.compare_checkpoint and not sel.checkpoint:
+        raise UsageError("--compare-checkpoint needs --checkpoint: the first set of weights to compare against")
     engines = open_engines(args.vision, args.vision_engine, out_width=sel.config.llm.width, model_dtype=sel.dtype)
-    extra = (["--startup"] if args.startup else []) + (["--json", args.json] if args.json else []) + (
+    extra = (["--compare-checkpoint", args.compare_checkpoint] if args.compare_checkpoint else []) + (
+        ["--startup"] if args.startup else []) + (["--json", args.json] if args.json else []) + (
         ["--plot", args.plot] if args.plot else []) + (
         ["--vision", args.vision, "--vision-engine", args.vision_engine] if engines is not None else [])
-    doc = run_bench(sel, say=say, startup=args.startup, extra_args=extra, vision_engines=engines)
+    doc = run_bench(sel, say=say, startup=args.startup, extra_args=extra, vision_engines=engines,
+                    compare_checkpoint=args.compare_checkpoint)
     print(report.text(doc))
     if args.json:
         print(f"wrote {report.write_json(doc, args.json)}")
@@ -98,7 +110,8 @@ def _devices(args) -> int:
         raise UsageError(f"--devices: {e}") from e
     if devices > 1:
         extra = [flag for flag, on in (("--startup", args.startup), ("--plot", args.plot),
-                                       ("--vision", args.vision != "xla")) if on]
+                                       ("--vision", args.vision != "xla"),
+                                       ("--compare-checkpoint", args.compare_checkpoint)) if on]
         if extra:
             raise UsageError(f"--devices {args.devices} times the data-parallel sample only; drop "
                              f"{', '.join(extra)}")
