@@ -4,6 +4,7 @@ through `runtime.Model.load` like any checkpoint, and its actions judged against
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -141,6 +142,19 @@ def test_fp8_actions_match_fp32_reference(fp8_model, model_cases, case):
 def test_fp8_bfloat16_activations(fp8_dir, model_cases):
     model = Model.load(fp8_dir, dtype="bfloat16")
     actions, ref = _run_case(model, model_cases, "batch2_mixed")
+    _gates(actions, ref, FP8_GATE)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_fp8_through_xlas_fp8_dot_in_bfloat16(fp8_dir, model_cases, case):
+    """The GPU's default FP8 path run on the CPU: dot_general on the e4m3 operands with a bfloat16 result, then the
+    scales (pallas_kernels.fp8_matmul.fp8_matmul_xla), through the fast path, on every shared case."""
+    model = Model.load(fp8_dir, dtype="bfloat16", kernels="compact")
+    model = dataclasses.replace(model, params=with_options(model.params, backend="xla"))
+    fp8 = [w for w in jax.tree.leaves(model.params, is_leaf=lambda x: isinstance(x, Fp8Weight))
+           if isinstance(w, Fp8Weight)]
+    assert fp8 and all(w.options.backend == "xla" for w in fp8)
+    actions, ref = _run_case(model, model_cases, case)
     _gates(actions, ref, FP8_GATE)
 
 
