@@ -616,6 +616,10 @@ def stage_loadtest(args) -> int:
     from pi05_jax.bench.suite import commit
     from pi05_jax.commands.loadtest import rate_text
 
+    servers = [n.strip() for n in args.servers.split(",") if n.strip()]
+    if not servers or any(n not in ("batched", "solo") for n in servers):
+        print(f"loadtest: --servers {args.servers!r}: name batched, solo or both")
+        return 2
     work = pathlib.Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     log_dir = pathlib.Path(args.log_dir) if args.log_dir else work
@@ -666,6 +670,7 @@ def stage_loadtest(args) -> int:
         clients.append(args.compare_clients)
     plans = [("batched", args.max_batch, [(c, args.rate, args.seconds) for c in clients] + [sat]),
              ("solo", 1, [(args.compare_clients, args.rate, args.seconds), sat])]
+    plans = [plan for plan in plans if plan[0] in servers]
     base = [sys.executable, "-m", "pi05_jax.cli", "serve", "--checkpoint", prep["checkpoint"], "--adapter",
             args.adapter, "--port", "0", "--warm", args.warm, "--num-steps", str(args.steps),
             "--max-queue", str(max(32, 2 * args.sat_clients)),
@@ -927,6 +932,10 @@ def parser() -> argparse.ArgumentParser:
     lt.add_argument("--seconds", type=float, default=45.0,
                     help="duration of each --rate run (default: %(default)s; 60 does not fit one 600 s device call)")
     lt.add_argument("--max-batch", type=int, default=8, help="the batched server's --max-batch (default: %(default)s)")
+    lt.add_argument("--servers", default="batched,solo",
+                    help="which servers to run (default: %(default)s); one per device call lets every run last the "
+                         "issue's 60 s (--servers batched --seconds 60, then --servers solo --seconds 60: the "
+                         "ratios are then read across the two JSONs)")
     lt.add_argument("--compare-clients", type=int, default=8,
                     help="clients of the --rate run repeated against the --max-batch 1 server (default: %(default)s)")
     lt.add_argument("--sat-clients", type=int, default=16,
