@@ -55,6 +55,7 @@ Stages:
               are shortened together to fit --budget-s 540 (never below 10 s, else skipped; the table says "N (of
               M)"). SIGTERM stops the servers and leaves the JSON of what ran:
               timeout -s TERM 590 python3 scripts/gpu_measure.py loadtest --json $OUT/loadtest.json --log-dir $OUT
+              The GPU machine lacks the server's and clients' packages: scripts/device_wheels.sh (its header).
 
 Kernel micro-benchmarks live in the kernel modules: `python3 -m pallas_kernels.<module>` (their main()).
 Where the time goes, kernel by kernel: `pi05 profile --preset full --kernels pallas --no-cuda-graphs --trace-dir T`.
