@@ -127,12 +127,14 @@ def stage_time(args) -> int:
     variants = weight_variants(args.weights, built, sel, say)
     compiled: dict[str, runner.Compiled] = {}
     failed: dict[str, str] = {}
+    prepared: dict[str, object] = {}  # name -> bench's Phased, for --profile-dir
     for label, params in variants.items():
         for impl in resolve(",".join(sel.kernels)):
             name = impl.name if len(variants) == 1 else f"{impl.name}/{label}"
             try:
                 p = phased(impl, params, built.obs, sel.steps)
                 compiled[name] = runner.compile_calls(p, built.obs, built.noise, say=say, phases=args.phases)
+                prepared[name] = p
             except Exception as e:  # one variant that does not compile on this card: report it, time the others
                 failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 say(f"[{name}] FAILED: {failed[name]}")
@@ -187,6 +189,16 @@ def stage_time(args) -> int:
         print(f"wrote {report.write_json(doc, args.json)}")
     for name, why in failed.items():
         print(f"{name}: FAILED to compile: {why}")
+    if args.profile_dir:  # after the timing, so tracing never overlaps a timed call
+        import dataclasses
+
+        from pi05_jax.commands.profile import profile_one, text
+
+        for name, p in prepared.items():
+            folder = re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+            summary = profile_one(dataclasses.replace(p, name=folder), built, trace_dir=args.profile_dir, runs=3,
+                                  top=args.profile_top, say=say)
+            print(text(summary, steps=sel.steps))
     return 0 if all(r["actions_finite"] for r in results) and not failed else 1
 
 
@@ -896,6 +908,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rounds", type=int, default=5, help="bench timings in a row (default: %(default)s)")
     t.add_argument("--phases", action="store_true", help="also each phase jitted alone, interleaved")
     t.add_argument("--weights", default="float", help=WEIGHTS_HELP)
+    t.add_argument("--profile-dir", metavar="DIR", default=None,
+                   help="after the timing, trace 3 calls of each variant (pi05 profile's summary: top kernels, "
+                        "kernels per phase) into DIR/<variant>; with XLA_FLAGS=--xla_gpu_enable_command_buffer= "
+                        "in the environment every kernel maps to its phase (the timings then run without CUDA "
+                        "graphs too)")
+    t.add_argument("--profile-top", type=int, default=25, help="kernels each profile lists (default: %(default)s)")
     t.add_argument("--json", metavar="OUT.json", help="write every figure as JSON")
 
     s = sub.add_parser("soak", help="consecutive calls through the deployed path, inputs varied")
