@@ -13,7 +13,10 @@ tile costs the block (`consume`):
 - "wgmma": acc += h[:, :R] @ tile (one warpgroup's wgmma, float32 accumulator), wait for it, then refill: the
            schedule of the session-7 kernels;
 - "lag1":  issue tile t's wgmma, wait until only it is in flight (tile t-1's is done), refill tile t-1's slot:
-           one wgmma overlapping the next wait, the usual pipelined-matmul order.
+           one wgmma overlapping the next wait, the usual pipelined-matmul order;
+- "hstream": lag1 with the activation streamed too: tile t multiplies its own h tile h[:, tR:(t+1)R] (h is
+           [M, T R], the same for every block, so after the first block it comes from L2), through a second ring:
+           the session-7 kernel's pattern, where every block re-read all of h.
 The output is the block's float32 accumulator [M, C] ("none": the first 64 rows of its last tile), checked
 against `stream_weights_reference` in interpret mode on the CPU, so every variant is known to read what it claims.
 
@@ -36,7 +39,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 COLS = 64  # one 128-byte swizzled row of bf16
 ROWS = 64  # wgmma M: the activation rows
-CONSUME = ("none", "wgmma", "lag1")
+CONSUME = ("none", "wgmma", "lag1", "hstream")
 SHARED_MEMORY_BYTES = 227 * 1024
 
 
@@ -57,7 +60,7 @@ class StreamProbe:
             raise ValueError(f"slots must be >= 1, got {self.slots=}")
         if self.consume not in CONSUME:
             raise ValueError(f"consume must be one of {CONSUME}, got {self.consume=}")
-        if self.consume == "lag1" and self.slots < 2:
+        if self.consume in ("lag1", "hstream") and self.slots < 2:
             raise ValueError(f"lag1 refills the previous tile's slot while the current one is read: slots >= 2, got "
                              f"{self.slots=}")
         if self.smem_bytes() > SHARED_MEMORY_BYTES:
@@ -68,7 +71,8 @@ class StreamProbe:
         ring = self.slots * self.tile_rows * COLS * 2
         if self.consume == "none":
             return ring
-        return ring + ROWS * self.tile_rows * 2 + ROWS * COLS * 4
+        h_tiles = self.slots if self.consume == "hstream" else 1
+        return ring + h_tiles * ROWS * self.tile_rows * 2 + ROWS * COLS * 4
 
     def label(self) -> str:
         return f"{self.tile_rows * COLS * 2 // 1024:2d} KiB tiles x {self.slots:2d} slots, {self.consume}"
@@ -82,22 +86,25 @@ def _check(w, h, probe: StreamProbe):
     if w.ndim != 3 or w.shape[2] != COLS or w.shape[1] % probe.tile_rows or w.dtype != jnp.bfloat16:
         raise ValueError(f"w must be bfloat16 [B, T * tile_rows, {COLS}] with tile_rows={probe.tile_rows}; got "
                          f"{w.shape=} {w.dtype=}")
-    if h.shape != (ROWS, probe.tile_rows) or h.dtype != jnp.bfloat16:
-        raise ValueError(f"h must be bfloat16 [{ROWS}, tile_rows={probe.tile_rows}]; got {h.shape=} {h.dtype=}")
+    want = (ROWS, w.shape[1] if probe.consume == "hstream" else probe.tile_rows)
+    if h.shape != want or h.dtype != jnp.bfloat16:
+        raise ValueError(f"h must be bfloat16 {list(want)} ([{ROWS}, tile_rows={probe.tile_rows}], with hstream "
+                         f"[{ROWS}, T * tile_rows]); got {h.shape=} {h.dtype=}")
     return w.shape[0], w.shape[1] // probe.tile_rows
 
 
 def stream_weights(w: jax.Array, h: jax.Array, probe: StreamProbe = StreamProbe(), *,
                    interpret: bool = False) -> jax.Array:
-    """w bfloat16 [B, T * R, 64], h bfloat16 [64, R] -> [B, 64, 64]: float32 accumulators, or ("none") the
-    bfloat16 rows of each block's last tile (module docstring)."""
+    """w bfloat16 [B, T * R, 64], h bfloat16 [64, R] ("hstream": [64, T * R]) -> [B, 64, 64]: float32
+    accumulators, or ("none") the bfloat16 rows of each block's last tile (module docstring)."""
     blocks, n_tiles = _check(w, h, probe)
     r, slots = probe.tile_rows, probe.slots
     scratch = [plgpu.SMEM((slots, r, COLS), jnp.bfloat16, transforms=_transforms()),
                plgpu.Barrier(num_barriers=slots)]
     if probe.consume != "none":
-        scratch += [plgpu.SMEM((ROWS, r), jnp.bfloat16, transforms=_transforms()), plgpu.Barrier(num_barriers=1),
-                    plgpu.SMEM((ROWS, COLS), jnp.float32)]
+        h_tiles = slots if probe.consume == "hstream" else 1
+        scratch += [plgpu.SMEM((h_tiles, ROWS, r), jnp.bfloat16, transforms=_transforms()),
+                    plgpu.Barrier(num_barriers=h_tiles), plgpu.SMEM((ROWS, COLS), jnp.float32)]
     out_dtype = jnp.bfloat16 if probe.consume == "none" else jnp.float32
 
     def body(w_gmem, h_gmem, out_gmem, ring, bars, *more):
@@ -105,6 +112,9 @@ def stream_weights(w: jax.Array, h: jax.Array, probe: StreamProbe = StreamProbe(
 
         def fetch(t, slot):
             plgpu.copy_gmem_to_smem(w_gmem.at[b, pl.ds(t * r, r), :], ring.at[slot], bars.at[slot])
+            if probe.consume == "hstream":
+                h_smem, h_bar, _ = more
+                plgpu.copy_gmem_to_smem(h_gmem.at[:, pl.ds(t * r, r)], h_smem.at[slot], h_bar.at[slot])
 
         for t in range(min(slots, n_tiles)):  # the stream starts before anything waits
             fetch(t, t)
@@ -127,21 +137,26 @@ def stream_weights(w: jax.Array, h: jax.Array, probe: StreamProbe = StreamProbe(
             plgpu.wait_smem_to_gmem(0)
         else:
             h_smem, h_bar, out_smem = more
-            plgpu.copy_gmem_to_smem(h_gmem, h_smem, h_bar.at[0])
-            plgpu.barrier_wait(h_bar.at[0])
+            if probe.consume != "hstream":  # one h tile for every weight tile, loaded once
+                plgpu.copy_gmem_to_smem(h_gmem, h_smem.at[0], h_bar.at[0])
+                plgpu.barrier_wait(h_bar.at[0])
 
             def scope(acc):
                 def step(t, carry):
                     slot = lax.rem(t, slots)
                     plgpu.barrier_wait(bars.at[slot])
-                    plgpu.wgmma(acc, h_smem, ring.at[slot])
+                    if probe.consume == "hstream":
+                        plgpu.barrier_wait(h_bar.at[slot])
+                        plgpu.wgmma(acc, h_smem.at[slot], ring.at[slot])
+                    else:
+                        plgpu.wgmma(acc, h_smem.at[0], ring.at[slot])
                     if probe.consume == "wgmma":
                         plgpu.wgmma_wait(0)
 
                         @pl.when(t + slots < n_tiles)
                         def _():
                             fetch(t + slots, slot)
-                    else:  # lag1: tile t-1's wgmma is done once at most one is in flight
+                    else:  # lag1, hstream: tile t-1's wgmma is done once at most one is in flight
                         plgpu.wgmma_wait(1)
                         prev = t - 1 + slots
 
@@ -170,12 +185,26 @@ def stream_weights_reference(w: jax.Array, h: jax.Array, probe: StreamProbe = St
     blocks, n_tiles = _check(w, h, probe)
     if probe.consume == "none":
         return w[:, (n_tiles - 1) * probe.tile_rows:][:, :ROWS]
+    if probe.consume == "hstream":
+        return jnp.einsum("MK,BKC->BMC", h.astype(jnp.float32), w.astype(jnp.float32),
+                          precision=lax.Precision.HIGHEST)
     tiles_sum = w.astype(jnp.float32).reshape(blocks, n_tiles, probe.tile_rows, COLS).sum(1)
     return jnp.einsum("MR,BRC->BMC", h.astype(jnp.float32), tiles_sum, precision=lax.Precision.HIGHEST)
 
 
-PROBES = tuple(StreamProbe(r, s, c) for c in CONSUME for r, s in ((64, 4), (64, 8), (64, 16), (128, 4), (128, 8),
-                                                                   (256, 2), (256, 4)))
+def _probes() -> tuple[StreamProbe, ...]:
+    """Every consume mode at each (tile rows, slots) whose ring fits one block's shared memory."""
+    out = []
+    for c in CONSUME:
+        for r, s in ((64, 4), (64, 8), (64, 16), (128, 4), (128, 8), (256, 2), (256, 4)):
+            try:
+                out.append(StreamProbe(r, s, c))
+            except ValueError:  # too much shared memory for this mode (hstream rings h as well)
+                continue
+    return tuple(out)
+
+
+PROBES = _probes()
 TOTAL_BYTES = 18 * 2 * 1024 * 4096 * 2  # 18 layers of the expert's gate/up weight
 
 
@@ -205,7 +234,8 @@ def main() -> int:
                 continue
             per_block = TOTAL_BYTES // 2 // blocks // (probe.tile_rows * COLS) * probe.tile_rows
             w = flat[: blocks * per_block * COLS].reshape(blocks, per_block, COLS)
-            h = jax.random.normal(jax.random.key(1), (ROWS, probe.tile_rows), jnp.float32).astype(jnp.bfloat16)
+            h_cols = per_block if probe.consume == "hstream" else probe.tile_rows
+            h = jax.random.normal(jax.random.key(1), (ROWS, h_cols), jnp.float32).astype(jnp.bfloat16)
             try:
                 fn = jax.jit(lambda w, h, p=probe: stream_weights(w, h, p))
                 us = device_us(fn, w, h) * TOTAL_BYTES / (w.size * 2)  # scaled to the full byte count

@@ -15,7 +15,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 import weight_stream_probe as wsp
 
 SMALL = [wsp.StreamProbe(64, 2, "none"), wsp.StreamProbe(128, 3, "none"), wsp.StreamProbe(64, 1, "wgmma"),
-         wsp.StreamProbe(128, 3, "wgmma"), wsp.StreamProbe(64, 2, "lag1"), wsp.StreamProbe(256, 3, "lag1")]
+         wsp.StreamProbe(128, 3, "wgmma"), wsp.StreamProbe(64, 2, "lag1"), wsp.StreamProbe(256, 3, "lag1"),
+         wsp.StreamProbe(64, 2, "hstream"), wsp.StreamProbe(128, 4, "hstream")]
 
 
 @pytest.mark.parametrize("tiles", [1, 5], ids=["one_tile", "five_tiles"])
@@ -23,7 +24,8 @@ SMALL = [wsp.StreamProbe(64, 2, "none"), wsp.StreamProbe(128, 3, "none"), wsp.St
 def test_every_variant_returns_what_it_streamed(probe, tiles):
     blocks = 3
     w = jax.random.normal(jax.random.key(0), (blocks, tiles * probe.tile_rows, wsp.COLS)).astype(jnp.bfloat16)
-    h = jax.random.normal(jax.random.key(1), (wsp.ROWS, probe.tile_rows)).astype(jnp.bfloat16)
+    h_cols = tiles * probe.tile_rows if probe.consume == "hstream" else probe.tile_rows
+    h = jax.random.normal(jax.random.key(1), (wsp.ROWS, h_cols)).astype(jnp.bfloat16)
     got = np.asarray(wsp.stream_weights(w, h, probe, interpret=True).astype(jnp.float32), np.float64)
     want = np.asarray(wsp.stream_weights_reference(w, h, probe).astype(jnp.float32), np.float64)
     if probe.consume == "none":
@@ -38,7 +40,8 @@ def test_the_card_variants_lower_for_hopper():
             if probe.smem_bytes() * (blocks // 132) > wsp.SHARED_MEMORY_BYTES:
                 continue
             w = jax.ShapeDtypeStruct((blocks, 4 * probe.tile_rows, wsp.COLS), jnp.bfloat16)
-            h = jax.ShapeDtypeStruct((wsp.ROWS, probe.tile_rows), jnp.bfloat16)
+            h = jax.ShapeDtypeStruct((wsp.ROWS, 4 * probe.tile_rows if probe.consume == "hstream" else
+                                      probe.tile_rows), jnp.bfloat16)
             lowered = jax.jit(lambda w, h, p=probe: wsp.stream_weights(w, h, p)).trace(w, h).lower(
                 lowering_platforms=("cuda",))
             assert "mosaic_gpu" in lowered.as_text(), probe
