@@ -118,6 +118,9 @@ def test_bench_refuses_to_compare_different_architectures(reference_dir, tmp_pat
     code, _, err = run_cli(["bench", "--preset", "tiny", "--compare-checkpoint", str(src), "--device", "cpu",
                             "--quiet"])
     assert code == 2 and "needs --checkpoint" in err, err[-1500:]
+    code, _, err = run_cli(["bench", "--checkpoint", str(src), "--compare-checkpoint", str(tmp_path / "missing"),
+                            "--device", "cpu", "--quiet"])
+    assert code == 2 and "--compare-checkpoint" in err and "missing" in err, err[-1500:]
 
 
 def test_profile_traces_a_quantized_checkpoint(quantized, tmp_path):

@@ -194,11 +194,15 @@ def load_compared(sel: Selection, checkpoint: str, say) -> dict:
     both, and the floor is counted once)."""
     import jax
 
+    from checkpoints.errors import CheckpointError
     from checkpoints.openpi_io import load_params, read_config
     from pi05_jax.commands.common import UsageError
     from pi05_jax.runtime import DTYPES
 
-    config = read_config(checkpoint)
+    try:
+        config = read_config(checkpoint)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise UsageError(f"--compare-checkpoint: {e}") from e
     if config != sel.config:
         diff = [f"{k}: {v} vs {getattr(config, k)}" for k, v in vars(sel.config).items() if getattr(config, k) != v]
         raise UsageError(f"--compare-checkpoint {checkpoint} is not the architecture of --checkpoint "
