@@ -4,7 +4,8 @@ measure against; adopt it or say by how much ours wins").
 
 Compared, bf16, CUPTI device time (jax.experimental.mosaic.gpu.profiler), median of 20 calls after warm-up:
 - SigLIP attention, 2 images x 256 patches, 16 heads of 72: ours is XLA's einsum / softmax / einsum
-  (pi05_jax.model.siglip.attention) against tokamax.dot_product_attention's implementations;
+  (pi05_jax.model.siglip.attention) against tokamax.dot_product_attention's implementations and JAX's own cuDNN
+  fused attention (jax.nn.dot_product_attention(implementation="cudnn"), no tokamax needed; also below);
 - the prefix LLM's attention, 576 slots (572 valid), 8 q heads : 1 KV head of 256, bidirectional over the valid
   keys: ours is pallas_kernels.ragged_prefill_attention (rows past the valid length are 0 and not compared);
 - GeGLU gate/up: the prefix LLM's (M = 576, 2048 -> 2 x 16384; ours: XLA's einsum and GeGLU, as
@@ -109,6 +110,8 @@ def main() -> int:
     ours = jax.jit(lambda q, k, v: siglip.attention((q * scale).astype(bf16), k, v, bf16))
     theirs = {impl: jax.jit(functools.partial(tk.dot_product_attention, scale=scale, implementation=impl))
               for impl in attention_impls}
+    theirs["(jax.nn, cudnn)"] = jax.jit(functools.partial(jax.nn.dot_product_attention, scale=scale,
+                                                          implementation="cudnn"))
     compare("SigLIP attention [2, 256, 16, 72]", ours, theirs, (q, k, v))
 
     # prefix attention: 576 slots, 572 valid, 8 q heads : 1 KV head of 256, bidirectional over the valid keys
@@ -120,6 +123,8 @@ def main() -> int:
                                                             interpret=False))
     theirs = {impl: jax.jit(functools.partial(tk.dot_product_attention, scale=scale, key_value_seq_lengths=lengths,
                                               implementation=impl)) for impl in attention_impls}
+    theirs["(jax.nn, cudnn)"] = jax.jit(functools.partial(
+        jax.nn.dot_product_attention, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn"))
     compare(f"prefix attention [1, 576 ({valid} valid), 8 : 1 heads, 256]", ours, theirs, (q, k, v),
             valid=lambda y: y[:, :valid])
 
