@@ -79,9 +79,9 @@ def compare(title: str, ours, theirs: dict, args, per: int = 1, valid=None) -> N
             while isinstance(e, ExceptionGroup) and e.exceptions:  # tokamax wraps each implementation's error
                 e = e.exceptions[0]
             msg = str(e).replace("\n", " ")[:240]
-            print(f"  {'tokamax ' + name:28s} FAILED {type(e).__name__}: {msg}", flush=True)
+            print(f"  {name:28s} FAILED {type(e).__name__}: {msg}", flush=True)
             continue
-        print(f"  {'tokamax ' + name:28s} {us:9.2f} us  x{base / us:5.2f} vs ours  rel err vs ours "
+        print(f"  {name:28s} {us:9.2f} us  x{base / us:5.2f} vs ours  rel err vs ours "
               f"{rel_err(out, ours_out):.1e}", flush=True)
 
 
@@ -108,9 +108,9 @@ def main() -> int:
     q, k, v = (normal((2, 256, 16, 72)) for _ in range(3))
     scale = 72 ** -0.5
     ours = jax.jit(lambda q, k, v: siglip.attention((q * scale).astype(bf16), k, v, bf16))
-    theirs = {impl: jax.jit(functools.partial(tk.dot_product_attention, scale=scale, implementation=impl))
-              for impl in attention_impls}
-    theirs["(jax.nn, cudnn)"] = jax.jit(functools.partial(jax.nn.dot_product_attention, scale=scale,
+    theirs = {f"tokamax {impl}": jax.jit(functools.partial(tk.dot_product_attention, scale=scale,
+                                                           implementation=impl)) for impl in attention_impls}
+    theirs["jax.nn cudnn"] = jax.jit(functools.partial(jax.nn.dot_product_attention, scale=scale,
                                                           implementation="cudnn"))
     compare("SigLIP attention [2, 256, 16, 72]", ours, theirs, (q, k, v))
 
@@ -121,9 +121,10 @@ def main() -> int:
     scale = 256 ** -0.5
     ours = jax.jit(lambda q, k, v: ragged_prefill_attention((q * scale).astype(bf16), k, v, lengths,
                                                             interpret=False))
-    theirs = {impl: jax.jit(functools.partial(tk.dot_product_attention, scale=scale, key_value_seq_lengths=lengths,
-                                              implementation=impl)) for impl in attention_impls}
-    theirs["(jax.nn, cudnn)"] = jax.jit(functools.partial(
+    theirs = {f"tokamax {impl}": jax.jit(functools.partial(tk.dot_product_attention, scale=scale,
+                                                           key_value_seq_lengths=lengths, implementation=impl))
+              for impl in attention_impls}
+    theirs["jax.nn cudnn"] = jax.jit(functools.partial(
         jax.nn.dot_product_attention, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn"))
     compare(f"prefix attention [1, 576 ({valid} valid), 8 : 1 heads, 256]", ours, theirs, (q, k, v),
             valid=lambda y: y[:, :valid])
@@ -156,7 +157,7 @@ def main() -> int:
             return lambda rows, _ours_ws: fn(rows, ws)
 
         compare(f"GeGLU gate/up, {label}: M={m}, {d} -> 2 x {f}, per layer ({LAYERS} layers per call)",
-                ours, {n: run_theirs(fn) for n, fn in theirs.items()}, ours_args, per=LAYERS)
+                ours, {f"tokamax {n}": run_theirs(fn) for n, fn in theirs.items()}, ours_args, per=LAYERS)
     return 0
 
 
