@@ -26,13 +26,14 @@ installed a stand-in module without behaviour is registered, so the 30 MB profil
 from __future__ import annotations
 
 import functools
-import statistics
 import sys
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from device_time import device_us
+from gpu_measure import rel_err
 
 LAYERS = 18
 
@@ -48,19 +49,6 @@ def import_tokamax():
     import tokamax
 
     return tokamax
-
-
-def device_us(fn, *args) -> float:
-    from jax.experimental.mosaic.gpu import profiler
-
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    return statistics.median(profiler.measure(fn)(*args)[1] for _ in range(20)) * 1e3
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def compare(title: str, ours, theirs: dict, args, per: int = 1, valid=None) -> None:

@@ -28,7 +28,6 @@ gate/up weight: HBM, not L2), beside XLA's device-to-device copy and a sum over 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
 
 import jax
@@ -209,18 +208,13 @@ TOTAL_BYTES = 18 * 2 * 1024 * 4096 * 2  # 18 layers of the expert's gate/up weig
 
 
 def main() -> int:
-    from jax.experimental.mosaic.gpu import profiler
+    from device_time import device_us
 
     if jax.default_backend() != "gpu":
         sys.exit("weight_stream_probe: times a GPU kernel; JAX sees no GPU")
     sms = jax.devices()[0].core_count
     print(f"{jax.devices()[0].device_kind} ({sms} SMs), jax {jax.__version__}: {TOTAL_BYTES / 1e6:.0f} MB streamed "
           f"per call; CUPTI device time, median of 20")
-
-    def device_us(fn, *args) -> float:
-        for _ in range(3):
-            jax.block_until_ready(fn(*args))
-        return statistics.median(profiler.measure(fn)(*args)[1] for _ in range(20)) * 1e3
 
     def report(label, us):
         print(f"  {label:48s} {us:9.1f} us  {TOTAL_BYTES / us / 1e3:7.0f} GB/s", flush=True)
