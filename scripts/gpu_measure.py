@@ -112,6 +112,34 @@ def _ms(s: float | None) -> str:
 # --- time: interleaved implementations, bench's timing ------------------------------------------------------------
 
 
+def with_option_variants(impls: list, specs: list[str]) -> list:
+    """impls, then for each `FIELD=V1,V2` spec and each fast implementation among them, the implementation with its
+    FastPathOptions field set to each value (`implementations.fast`), named `impl[FIELD=V]`."""
+    import dataclasses
+
+    from pi05_jax import implementations
+    from pi05_jax.fast.options import FastPathOptions
+
+    fields = {f.name: f for f in dataclasses.fields(FastPathOptions)}
+    out = list(impls)
+    for spec in specs:
+        field, sep, values = spec.partition("=")
+        if not sep or field not in fields or not values:
+            raise SystemExit(f"--options {spec!r}: expected FIELD=V1,V2 with FIELD one of {', '.join(fields)}")
+        for impl in impls:
+            if impl.options is None:
+                continue
+            for value in values.split(","):
+                kind = type(getattr(impl.options, field))
+                try:
+                    options = dataclasses.replace(impl.options, **{field: kind(value)})
+                except (TypeError, ValueError) as e:
+                    raise SystemExit(f"--options {spec!r}: {e}") from None
+                out.append(implementations.fast(f"{impl.name}[{field}={value}]", options, impl.description))
+    return out
+
+
+
 def stage_time(args) -> int:
     import jax
 
@@ -128,8 +156,9 @@ def stage_time(args) -> int:
     compiled: dict[str, runner.Compiled] = {}
     failed: dict[str, str] = {}
     prepared: dict[str, object] = {}  # name -> bench's Phased, for --profile-dir
+    impls = with_option_variants(resolve(",".join(sel.kernels)), args.options)
     for label, params in variants.items():
-        for impl in resolve(",".join(sel.kernels)):
+        for impl in impls:
             name = impl.name if len(variants) == 1 else f"{impl.name}/{label}"
             try:
                 p = phased(impl, params, built.obs, sel.steps)
@@ -911,6 +940,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rounds", type=int, default=5, help="bench timings in a row (default: %(default)s)")
     t.add_argument("--phases", action="store_true", help="also each phase jitted alone, interleaved")
     t.add_argument("--weights", default="float", help=WEIGHTS_HELP)
+    t.add_argument("--options", metavar="FIELD=V1,V2", action="append", default=[],
+                   help="also time each fast implementation of --kernels with this FastPathOptions field set to each "
+                        "value (repeatable; e.g. fused_attention=vision,vision+prefix), named impl[field=value]")
     t.add_argument("--profile-dir", metavar="DIR", default=None,
                    help="after the timing, trace 3 calls of each variant (pi05 profile's summary: top kernels, "
                         "kernels per phase) into DIR/<variant>; with XLA_FLAGS=--xla_gpu_enable_command_buffer= "

@@ -76,3 +76,33 @@ def test_ragged_prefill_attention(seq, lengths, dtype):
     with jax.default_matmul_precision("highest"):
         want = rpa.ragged_prefill_attention_reference(q, k, v, n)
     assert_matches(got, want, dtype)
+
+
+def test_cudnn_vision_attention():
+    """SigLIP's attention through cuDNN (FastPathOptions.fused_attention) against upstream's, in float32."""
+    from pi05_jax.fast import ops as fast_ops
+
+    rng = np.random.default_rng(8)
+    q = normal(rng, (2, 256, 16, 72), 72**-0.5, jnp.bfloat16)
+    k, v = normal(rng, (2, 256, 16, 72), 1.0, jnp.bfloat16), normal(rng, (2, 256, 16, 72), 1.0, jnp.bfloat16)
+    got = jax.jit(lambda q, k, v: fast_ops.vision_attend_fused(q, k, v, jnp.bfloat16, implementation="cudnn"))(q, k, v)
+    with jax.default_matmul_precision("highest"):
+        want = fast_ops.vision_attend_xla(*(a.astype(jnp.float32) for a in (q, k, v)), jnp.float32)
+    assert_matches(got, want, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("slots,lengths", [(576, [572]), (968, [968, 77])], ids=["S576", "S968"])
+def test_cudnn_prefix_attention(slots, lengths):
+    """The prefix LLM's attention through cuDNN (8:1 GQA, per-row lengths) against the Pallas kernel's reference."""
+    from pi05_jax.fast import ops as fast_ops
+
+    rng = np.random.default_rng(9)
+    b = len(lengths)
+    q = normal(rng, (b, slots, 8, 256), 256**-0.5, jnp.bfloat16)
+    k, v = normal(rng, (b, slots, 1, 256), 2.0, jnp.bfloat16), normal(rng, (b, slots, 1, 256), 1.0, jnp.bfloat16)
+    n = jnp.asarray(lengths, jnp.int32)
+    got = jax.jit(lambda *a: fast_ops.prefix_attend_fused(*a, implementation="cudnn"))(q, k, v, n)
+    with jax.default_matmul_precision("highest"):
+        want = rpa.ragged_prefill_attention_reference(*(a.astype(jnp.float32) for a in (q, k, v)), n)
+    for row, length in enumerate(lengths):
+        assert_matches(got[row, :length], want[row, :length], jnp.bfloat16)

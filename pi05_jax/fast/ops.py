@@ -32,6 +32,15 @@ from pi05_jax.model import gemma, layer_stack, siglip
 from pi05_jax.model.weights import weight_einsum
 
 ATTENTIONS = ("xla", "pallas")
+# Which dense attentions run as one fused kernel through jax.nn.dot_product_attention (cuDNN's flash attention on a
+# GPU in bf16/fp16): "none", SigLIP's ("vision"), or SigLIP's and the prefix LLM's ("vision+prefix").
+FUSED_ATTENTIONS = ("none", "vision", "vision+prefix")
+
+
+def fused_attention_backend(platform: str, dtype) -> str:
+    """jax.nn.dot_product_attention's implementation for this platform and dtype: "cudnn" on a GPU in bf16/fp16,
+    else "xla" (cuDNN has no float32 and no CPU kernel; the XLA implementation computes the same function)."""
+    return "cudnn" if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 class LayoutError(ValueError):
@@ -146,6 +155,13 @@ def prefix_attend_pallas(q, k, v, lengths, *, tiles: ragged_prefill_attention.Bl
     return ragged_prefill_attention.ragged_prefill_attention(q, k, v, lengths, block_sizes=tiles)
 
 
+def prefix_attend_fused(q, k, v, lengths, *, implementation: str):
+    """The same attention as one jax.nn.dot_product_attention (q is pre-scaled: scale 1; 8:1 GQA read as is). Rows
+    past a row's length attend to its valid keys too (the Pallas kernel writes 0 there): nothing reads them."""
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0, key_value_seq_lengths=lengths,
+                                        implementation=implementation)
+
+
 # --- the pieces: action expert -------------------------------------------------------------------------------------
 
 
@@ -224,17 +240,30 @@ def vision_qkv_quantized(y, mha, dtype):
     return siglip.qkv(y, mha, dtype)
 
 
+def vision_attend_xla(q, k, v, dtype):
+    """Upstream's SigLIP attention: einsum, softmax, einsum (XLA)."""
+    return siglip.attention(q, k, v, dtype)
+
+
+def vision_attend_fused(q, k, v, dtype, *, implementation: str):
+    """SigLIP attention as one jax.nn.dot_product_attention on the pre-scaled q (scale 1): cuDNN's fused kernel on a
+    GPU in bf16 (its softmax in float32, where upstream's runs in the model's dtype)."""
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation).astype(dtype)
+
+
 # --- the ops object --------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
-    """The forward pass's pieces. vision_qkv(y, mha, dtype) -> q, k, v; prefix_qkv(x, attn, positions) -> q, k, v;
+    """The forward pass's pieces. vision_qkv(y, mha, dtype) -> q, k, v; vision_attend(q, k, v, dtype) -> o;
+    prefix_qkv(x, attn, positions) -> q, k, v;
     prefix_attend(q, k, v, lengths) -> o; expert_qkv(x, attn, positions) -> [B,T,K,C,H] rotated;
     expert_attend(qkv, k_prefix, v_prefix, lengths) -> o [B,T,N,H]; expert_mlp(h, mlp) -> [B,T,D]. `names`: which
     kernel each is, for `describe`."""
 
     vision_qkv: Callable
+    vision_attend: Callable
     prefix_qkv: Callable
     prefix_attend: Callable
     expert_qkv: Callable
@@ -253,18 +282,36 @@ def _qkv_name(layout: str) -> str:
 
 @functools.cache
 def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attention.BlockSizes,
-            cross_tiles: gqa_cross_attention.BlockSizes, geglu_tiles: SkinnyBlockSizes) -> Ops:
-    """The ops for `attention` ("xla": compact, "pallas") on this layout. Cached, so equal arguments give the same
-    object (the jitted sampler's static arguments compare equal)."""
+            cross_tiles: gqa_cross_attention.BlockSizes, geglu_tiles: SkinnyBlockSizes, *,
+            fused_attention: str = "none", fused_backend: str = "xla") -> Ops:
+    """The ops for `attention` ("xla": compact, "pallas") on this layout, with the dense attentions `fused_attention`
+    names (FUSED_ATTENTIONS) through jax.nn.dot_product_attention's `fused_backend` ("cudnn" or "xla":
+    `fused_attention_backend`). Cached, so equal arguments give the same object (the jitted sampler's static
+    arguments compare equal)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if fused_attention not in FUSED_ATTENTIONS:
+        raise ValueError(f"fused_attention must be one of {FUSED_ATTENTIONS}, got {fused_attention!r}")
+    if fused_backend not in ("cudnn", "xla"):
+        raise ValueError(f"fused_backend must be 'cudnn' or 'xla', got {fused_backend!r}")
     pallas = attention == "pallas"
+    fused_vision, fused_prefix = fused_attention != "none", fused_attention == "vision+prefix"
+    fused_name = ("jax.nn.dot_product_attention (cuDNN)" if fused_backend == "cudnn" else
+                  "jax.nn.dot_product_attention (XLA: no cuDNN kernel on this platform / dtype)")
+    if fused_prefix:
+        prefix_attend, prefix_name = functools.partial(prefix_attend_fused, implementation=fused_backend), fused_name
+    elif pallas:
+        prefix_attend = functools.partial(prefix_attend_pallas, tiles=prefill_tiles)
+        prefix_name = "Pallas ragged_prefill_attention"
+    else:
+        prefix_attend, prefix_name = prefix_attend_xla, "XLA masked"
     if pallas and layout.expert_gating == "openpi":
         raise LayoutError("the Pallas GeGLU matmul reads the expert's gating weight transposed (gating_einsum_t); "
                           "these params hold openpi's gating_einsum: pack them for 'pallas' "
                           "(pi05_jax.fast.packing.pack_weights(transpose_expert_gating=True))")
-    names = [("vision qkv", _qkv_name(layout.siglip_qkv)), ("prefix qkv", _qkv_name(layout.gemma_qkv)),
-             ("prefix attention", "Pallas ragged_prefill_attention" if pallas else "XLA masked"),
+    names = [("vision qkv", _qkv_name(layout.siglip_qkv)),
+             ("vision attention", fused_name if fused_vision else "XLA einsum-softmax-einsum"),
+             ("prefix qkv", _qkv_name(layout.gemma_qkv)), ("prefix attention", prefix_name),
              ("expert qkv", _qkv_name(layout.expert_qkv)),
              ("expert attention", "Pallas gqa_cross_attention_packed" if pallas else "XLA masked")]
     if not pallas and layout.expert_gating == "transposed":
@@ -279,8 +326,10 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
                       + (" (the checkpoint is quantized: no Pallas GeGLU)" if pallas else "")))
     return Ops(
         vision_qkv=vision_qkv_fused if layout.siglip_qkv in FUSED else vision_qkv_quantized,
+        vision_attend=(functools.partial(vision_attend_fused, implementation=fused_backend) if fused_vision
+                       else vision_attend_xla),
         prefix_qkv=prefix_qkv_fused if layout.gemma_qkv in FUSED else prefix_qkv_quantized,
-        prefix_attend=functools.partial(prefix_attend_pallas, tiles=prefill_tiles) if pallas else prefix_attend_xla,
+        prefix_attend=prefix_attend,
         expert_qkv=expert_qkv_fused if layout.expert_qkv in FUSED else expert_qkv_quantized,
         expert_attend=functools.partial(expert_attend_pallas, tiles=cross_tiles) if pallas else expert_attend_xla,
         expert_mlp=mlp,

@@ -8,7 +8,7 @@ import dataclasses
 
 from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes
-from pi05_jax.fast.ops import ATTENTIONS
+from pi05_jax.fast.ops import ATTENTIONS, FUSED_ATTENTIONS
 from pi05_jax.fast.prefix import DEFAULT_BUCKET_SIZE
 
 DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes()
@@ -25,10 +25,15 @@ class FastPathOptions:
     cross_attention_tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES
     geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (pi05_jax.fast.prefix.DEFAULT_BUCKET_SIZE)
+    # dense attentions run as one jax.nn.dot_product_attention (cuDNN on a GPU in bf16): "none", "vision",
+    # "vision+prefix" (pi05_jax.fast.ops.FUSED_ATTENTIONS)
+    fused_attention: str = "none"
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.fused_attention not in FUSED_ATTENTIONS:
+            raise ValueError(f"fused_attention must be one of {FUSED_ATTENTIONS}, got {self.fused_attention!r}")
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
 

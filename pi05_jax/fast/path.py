@@ -15,9 +15,11 @@ all view slots and the whole padded prefix.
 
 from __future__ import annotations
 
+import jax
+
 from pi05_jax.fast import denoise as fast_denoise
 from pi05_jax.fast import packing, prefix, vision
-from pi05_jax.fast.ops import Layout, Ops, layout_of, ops_for
+from pi05_jax.fast.ops import Layout, Ops, fused_attention_backend, layout_of, ops_for
 from pi05_jax.fast.options import FastPathOptions
 from pi05_jax.fast.prefix import PrefixPlan
 from pi05_jax.model import layer_stack, reference
@@ -30,8 +32,10 @@ def layout_in(params) -> Layout:
 
 
 def ops(params, options: FastPathOptions) -> Ops:
+    """The ops for these params (their layout and dtype) on JAX's default backend (trace time)."""
     return ops_for(options.attention, layout_in(params), options.prefill_attention_tiles,
-                   options.cross_attention_tiles, options.geglu_tiles)
+                   options.cross_attention_tiles, options.geglu_tiles, fused_attention=options.fused_attention,
+                   fused_backend=fused_attention_backend(jax.default_backend(), reference.params_dtype(params)))
 
 
 def pack(params, options: FastPathOptions, *, consume: bool = False) -> dict:
