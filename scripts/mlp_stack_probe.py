@@ -37,7 +37,7 @@ block waits on a barrier or reduces, the next phase's (or layer's) weights are a
 
 Activations (`h_mode`): "stream" (default): the A tiles (h in phase 1, act in phase 2) come through their own
 `act_slots`-deep ring, refilled lag1 like the weights but started only after the phase's barrier (they depend on
-it); the probe measured that h from L2 beside the weight stream does not slow it, and it leaves up to ~190 KiB to
+it); the probe measured that h from L2 beside the weight stream does not slow it, and it leaves up to ~175 KiB to
 the weight ring. "resident": every A tile of the phase is issued at the phase start (h whole: 128 KiB at R 64),
 which takes L2 latency out of the loop but caps the weight ring at ~80 KiB.
 
