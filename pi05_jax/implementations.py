@@ -5,7 +5,9 @@ bench run. Nothing registers itself; a new implementation is a line in IMPLEMENT
   968-token prefix, masked attention. The ground truth.
 - `compact`: the fast path (pi05_jax.fast) with XLA's attention: valid views only, the prefix compacted to a bucket,
   packed per-layer weights, adaRMS precomputed per num_steps.
-- `pallas`: `compact` with the Pallas kernels (ragged prefill attention, GQA cross-attention, the expert's GeGLU).
+- `pallas`: `compact` with the Pallas kernels (ragged prefill attention, GQA cross-attention, the expert's GeGLU)
+  and SigLIP's attention as one jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU in bf16, its XLA
+  implementation on the CPU and in float32 (cuDNN has neither; `Ops.describe()` says which runs).
 
 Each is tested for float32 parity against `reference` on the shared cases (tests/test_fast_path.py); `parity_tested`
 says so, and `default_kernels` picks from those. Every phase of a float32 model is traced with float32 GEMMs
@@ -89,9 +91,10 @@ def fast(name: str, options: FastPathOptions, description: str) -> Implementatio
 COMPACT = fast("compact", FastPathOptions(attention="xla"),
                "valid views only, compacted bucketed prefix, precomputed adaRMS, packed per-layer weights; XLA "
                "attention and GEMMs")
-PALLAS = fast("pallas", FastPathOptions(attention="pallas"),
+PALLAS = fast("pallas", FastPathOptions(attention="pallas", fused_attention="vision"),
               "as 'compact', with the Pallas ragged prefill attention, GQA cross-attention and expert GeGLU matmul "
-              "(Triton on the GPU, interpret mode on the CPU)")
+              "(Triton on the GPU, interpret mode on the CPU) and SigLIP's attention fused (cuDNN on the GPU in "
+              "bf16)")
 
 IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (REFERENCE, COMPACT, PALLAS)}
 

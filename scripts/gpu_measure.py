@@ -942,7 +942,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", default="float", help=WEIGHTS_HELP)
     t.add_argument("--options", metavar="FIELD=V1,V2", action="append", default=[],
                    help="also time each fast implementation of --kernels with this FastPathOptions field set to each "
-                        "value (repeatable; e.g. fused_attention=vision,vision+prefix), named impl[field=value]")
+                        "value (repeatable; e.g. fused_attention=none,vision), named impl[field=value]")
     t.add_argument("--profile-dir", metavar="DIR", default=None,
                    help="after the timing, trace 3 calls of each variant (pi05 profile's summary: top kernels, "
                         "kernels per phase) into DIR/<variant>; with XLA_FLAGS=--xla_gpu_enable_command_buffer= "

@@ -121,11 +121,10 @@ TILE_VARIANTS = {
         attention="pallas", cross_attention_tiles=gqa_cross_attention.BlockSizes(block_k=64)),
     "geglu-32-columns": FastPathOptions(attention="pallas", geglu_tiles=SkinnyBlockSizes(block_n=32)),
     "bucket-128": FastPathOptions(attention="xla", bucket_size=128),
-    # jax.nn.dot_product_attention for the dense attentions: on the CPU (and in float32) its XLA implementation;
-    # cuDNN's kernel on the card is checked by tests/test_kernels_on_gpu.py
-    "fused-attention-vision": FastPathOptions(attention="pallas", fused_attention="vision"),
-    "fused-attention-vision+prefix": FastPathOptions(attention="pallas", fused_attention="vision+prefix"),
-    "compact-fused-attention-vision+prefix": FastPathOptions(attention="xla", fused_attention="vision+prefix"),
+    # SigLIP's attention through jax.nn.dot_product_attention (pallas' default) and without it: on the CPU (and in
+    # float32) jax.nn's XLA implementation; cuDNN's kernel on the card is checked by tests/test_kernels_on_gpu.py
+    "pallas-vision-attention-unfused": FastPathOptions(attention="pallas", fused_attention="none"),
+    "compact-vision-attention-fused": FastPathOptions(attention="xla", fused_attention="vision"),
 }
 
 

@@ -32,9 +32,10 @@ from pi05_jax.model import gemma, layer_stack, siglip
 from pi05_jax.model.weights import weight_einsum
 
 ATTENTIONS = ("xla", "pallas")
-# Which dense attentions run as one fused kernel through jax.nn.dot_product_attention (cuDNN's flash attention on a
-# GPU in bf16/fp16): "none", SigLIP's ("vision"), or SigLIP's and the prefix LLM's ("vision+prefix").
-FUSED_ATTENTIONS = ("none", "vision", "vision+prefix")
+# Whether SigLIP's attention runs as one fused kernel through jax.nn.dot_product_attention (cuDNN's flash attention
+# on a GPU in bf16/fp16): "none" (upstream's einsum-softmax-einsum) or "vision". The prefix LLM's attention through
+# cuDNN tied with the Pallas ragged prefill attention on the H200 and was deleted (docs/PERF.md names the tag).
+FUSED_ATTENTIONS = ("none", "vision")
 
 
 def fused_attention_backend(platform: str, dtype) -> str:
@@ -153,13 +154,6 @@ def prefix_attend_xla(q, k, v, lengths):
 
 def prefix_attend_pallas(q, k, v, lengths, *, tiles: ragged_prefill_attention.BlockSizes):
     return ragged_prefill_attention.ragged_prefill_attention(q, k, v, lengths, block_sizes=tiles)
-
-
-def prefix_attend_fused(q, k, v, lengths, *, implementation: str):
-    """The same attention as one jax.nn.dot_product_attention (q is pre-scaled: scale 1; 8:1 GQA read as is). Rows
-    past a row's length attend to its valid keys too (the Pallas kernel writes 0 there): nothing reads them."""
-    return jax.nn.dot_product_attention(q, k, v, scale=1.0, key_value_seq_lengths=lengths,
-                                        implementation=implementation)
 
 
 # --- the pieces: action expert -------------------------------------------------------------------------------------
@@ -284,8 +278,8 @@ def _qkv_name(layout: str) -> str:
 def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attention.BlockSizes,
             cross_tiles: gqa_cross_attention.BlockSizes, geglu_tiles: SkinnyBlockSizes, *,
             fused_attention: str = "none", fused_backend: str = "xla") -> Ops:
-    """The ops for `attention` ("xla": compact, "pallas") on this layout, with the dense attentions `fused_attention`
-    names (FUSED_ATTENTIONS) through jax.nn.dot_product_attention's `fused_backend` ("cudnn" or "xla":
+    """The ops for `attention` ("xla": compact, "pallas") on this layout, SigLIP's attention fused or not
+    (`fused_attention`, FUSED_ATTENTIONS) through jax.nn.dot_product_attention's `fused_backend` ("cudnn" or "xla":
     `fused_attention_backend`). Cached, so equal arguments give the same object (the jitted sampler's static
     arguments compare equal)."""
     if attention not in ATTENTIONS:
@@ -295,23 +289,17 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
     if fused_backend not in ("cudnn", "xla"):
         raise ValueError(f"fused_backend must be 'cudnn' or 'xla', got {fused_backend!r}")
     pallas = attention == "pallas"
-    fused_vision, fused_prefix = fused_attention != "none", fused_attention == "vision+prefix"
+    fused_vision = fused_attention == "vision"
     fused_name = ("jax.nn.dot_product_attention (cuDNN)" if fused_backend == "cudnn" else
                   "jax.nn.dot_product_attention (XLA: no cuDNN kernel on this platform / dtype)")
-    if fused_prefix:
-        prefix_attend, prefix_name = functools.partial(prefix_attend_fused, implementation=fused_backend), fused_name
-    elif pallas:
-        prefix_attend = functools.partial(prefix_attend_pallas, tiles=prefill_tiles)
-        prefix_name = "Pallas ragged_prefill_attention"
-    else:
-        prefix_attend, prefix_name = prefix_attend_xla, "XLA masked"
     if pallas and layout.expert_gating == "openpi":
         raise LayoutError("the Pallas GeGLU matmul reads the expert's gating weight transposed (gating_einsum_t); "
                           "these params hold openpi's gating_einsum: pack them for 'pallas' "
                           "(pi05_jax.fast.packing.pack_weights(transpose_expert_gating=True))")
     names = [("vision qkv", _qkv_name(layout.siglip_qkv)),
              ("vision attention", fused_name if fused_vision else "XLA einsum-softmax-einsum"),
-             ("prefix qkv", _qkv_name(layout.gemma_qkv)), ("prefix attention", prefix_name),
+             ("prefix qkv", _qkv_name(layout.gemma_qkv)),
+             ("prefix attention", "Pallas ragged_prefill_attention" if pallas else "XLA masked"),
              ("expert qkv", _qkv_name(layout.expert_qkv)),
              ("expert attention", "Pallas gqa_cross_attention_packed" if pallas else "XLA masked")]
     if not pallas and layout.expert_gating == "transposed":
@@ -329,7 +317,7 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
         vision_attend=(functools.partial(vision_attend_fused, implementation=fused_backend) if fused_vision
                        else vision_attend_xla),
         prefix_qkv=prefix_qkv_fused if layout.gemma_qkv in FUSED else prefix_qkv_quantized,
-        prefix_attend=prefix_attend,
+        prefix_attend=functools.partial(prefix_attend_pallas, tiles=prefill_tiles) if pallas else prefix_attend_xla,
         expert_qkv=expert_qkv_fused if layout.expert_qkv in FUSED else expert_qkv_quantized,
         expert_attend=functools.partial(expert_attend_pallas, tiles=cross_tiles) if pallas else expert_attend_xla,
         expert_mlp=mlp,

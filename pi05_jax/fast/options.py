@@ -25,8 +25,8 @@ class FastPathOptions:
     cross_attention_tiles: gqa_cross_attention.BlockSizes = DEFAULT_CROSS_ATTENTION_TILES
     geglu_tiles: SkinnyBlockSizes = DEFAULT_GEGLU_TILES
     bucket_size: int = DEFAULT_BUCKET_SIZE  # prefix length granularity (pi05_jax.fast.prefix.DEFAULT_BUCKET_SIZE)
-    # dense attentions run as one jax.nn.dot_product_attention (cuDNN on a GPU in bf16): "none", "vision",
-    # "vision+prefix" (pi05_jax.fast.ops.FUSED_ATTENTIONS)
+    # "vision": SigLIP's attention as one jax.nn.dot_product_attention (cuDNN's fused kernel on a GPU in bf16; its
+    # XLA implementation on the CPU and in float32); "none": upstream's einsum-softmax-einsum
     fused_attention: str = "none"
 
     def __post_init__(self):
