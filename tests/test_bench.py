@@ -175,6 +175,21 @@ def test_floor_table_shows_the_datasheet_beside_the_measured_rates(bench_run):
         assert needle in text, needle
 
 
+
+def test_dtype_defaults_to_the_platforms():
+    """Without --dtype the CPU runs float32 (it emulates bfloat16 slowly), as serve / infer / demo do; a given
+    --dtype is kept."""
+    from pi05_jax.bench.selection import Selection
+    from pi05_jax.commands.common import default_dtype
+
+    class Args:
+        checkpoint, preset, views, prompt_len, steps, batch = None, "tiny", 2, 40, 2, 1
+        kernels, dtype, runs, device, seed = "reference", None, 1, "cpu", 0
+
+    assert Selection.from_args(Args).dtype == default_dtype("cpu") == "float32"
+    Args.dtype = "bfloat16"
+    assert Selection.from_args(Args).dtype == "bfloat16"
+
 @pytest.mark.gpu
 def test_copy_ceiling_on_the_card_is_near_its_datasheet():
     kind = jax.devices()[0].device_kind

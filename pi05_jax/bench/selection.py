@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from pi05_jax.commands.common import KERNELS_HELP, UsageError
+from pi05_jax.commands.common import KERNELS_HELP, UsageError, default_dtype
 from pi05_jax.config import PRESETS, Pi05Config
 
 DTYPE_NAMES = ("bfloat16", "float32")
@@ -33,8 +33,8 @@ def add_selection_args(p: argparse.ArgumentParser, *, runs_default: int, runs_he
     p.add_argument("--kernels", default="reference", metavar="A,B,...",
                    help=f"implementations, comma separated; ratios are against the first. Registered: "
                         f"{KERNELS_HELP} (default: %(default)s)")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="weights and compute dtype "
-                   "(default: %(default)s)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="weights and compute dtype (default: "
+                   "bfloat16 on a GPU, what openpi serves with; float32 on the CPU, which emulates bfloat16 slowly)")
     p.add_argument("--runs", type=int, default=runs_default, help=runs_help)
     p.add_argument("--device", default="auto", choices=("auto", "gpu", "cpu"),
                    help="'gpu' fails unless JAX sees a GPU; 'cpu' forces the CPU (default: %(default)s)")
@@ -85,7 +85,8 @@ class Selection:
 
         resolve(args.kernels)
         return cls(config=config, source=source, checkpoint=args.checkpoint, preset=preset_name, views=args.views,
-                   prompt_len=args.prompt_len, steps=args.steps, batch=args.batch, dtype=args.dtype,
+                   prompt_len=args.prompt_len, steps=args.steps, batch=args.batch,
+                   dtype=args.dtype or default_dtype(platform),
                    kernels=tuple(parse_names(args.kernels)), runs=args.runs, device=args.device,
                    platform=platform, seed=args.seed)
 
