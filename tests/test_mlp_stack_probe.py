@@ -1,7 +1,9 @@
 """scripts/mlp_stack_probe.py: each phase's block program computes what the plain-JAX emulation of the schedule does
 (Mosaic GPU interpret mode, small and real sizes), the emulation and the chained phases match the reference chain,
-and the persistent kernel (global semaphores: card only) lowers for Hopper at full size with its weight ring's
-refills bounded by the whole call's tile count, not a phase's, so its one device call runs working kernels."""
+the group hand-offs (sync="groups") wait for exactly the blocks that made what the next phase reads, the isolation
+variant without compute runs its block programs, and the persistent kernel (global semaphores: card only) lowers for
+Hopper at full size, every tile variant and every variant the card run measures, with its weight ring's refills
+bounded by the whole call's tile count, not a phase's, so its one device call runs working kernels."""
 
 from __future__ import annotations
 
@@ -91,7 +93,13 @@ def _kernel_jaxpr(tiles, layers):
     return fn, x, w, str(jax.make_jaxpr(fn)(x, w))
 
 
-@pytest.mark.parametrize("tiles", msp.VARIANTS, ids=lambda t: t.label().replace(" ", ""))
+# per sync mode: (semaphore_signal, semaphore_wait) sites in the kernel's jaxpr and the global semaphores' shapes.
+# grid: prologue + 3 per layer, done, wind-back; groups: prologue + 3 per layer, 2 group wind-backs, done, wind-back
+SEMAPHORES = {"grid": (6, 5, ["[]", "[]"]), "groups": (8, 5, ["[]", "[]", "[8]", "[16]"]), "none": (0, 0, [])}
+
+
+@pytest.mark.parametrize("tiles", tuple(dict.fromkeys(msp.VARIANTS + msp.CARD_VARIANTS)),
+                         ids=lambda t: t.label().replace(" ", ""))
 def test_the_persistent_kernel_lowers_for_hopper_at_full_size(tiles):
     layers = msp.FULL_LAYERS
     fn, x, w, jaxpr = _kernel_jaxpr(tiles, layers)
@@ -100,12 +108,64 @@ def test_the_persistent_kernel_lowers_for_hopper_at_full_size(tiles):
     # every weight refill (in both phases' loops and after each) is bounded by the call's last tile, not its phase's
     total = layers * (msp.FULL_D + msp.FULL_F // 8) // tiles.tile_rows
     assert len(re.findall(rf"= lt \w+ {total}:i32\[\]", jaxpr)) == 4, total
+    signals, waits, shapes = SEMAPHORES[tiles.sync]
+    assert (jaxpr.count("semaphore_signal"), jaxpr.count("semaphore_wait")) == (signals, waits)
+    assert re.findall(r"get_global\[what=Ref<gmem>\{semaphore(\[\d*\])", jaxpr) == shapes
+    assert ("wgmma" in jaxpr) == tiles.compute
+
+
+def test_card_variants():
+    """main() measures the best-known tiles under grid and group barriers (correct) and two isolation variants."""
+    assert [(t.sync, t.compute, t.correct) for t in msp.CARD_VARIANTS] == [
+        ("grid", True, True), ("groups", True, True), ("none", True, False), ("grid", False, False),
+        ("none", False, False)]
+    assert {(t.tile_rows, t.slots, t.h_mode, t.act_slots) for t in msp.CARD_VARIANTS} == {(128, 4, "stream", 4)}
+
+
+@pytest.mark.parametrize("d, f", [(SMALL_D, SMALL_F), (msp.FULL_D, msp.FULL_F)])
+def test_group_hand_offs_cover_what_each_block_reads(d, f):
+    """The index maps of the block programs: phase 1 block b writes act columns [32b, 32b + 32); phase 2 block b
+    reads act columns [s Kd, (s+1) Kd) (s = b // (D/64)) and writes partials[s] columns [64n, 64n + 64)
+    (n = b % (D/64)); phase 3 block b reads partials[k] over its share (module's `_share`) for every k. With
+    sync="groups" block b waits after phase 1 for the blocks of its split (b // (D/64)) and after phase 2 for those
+    of its column slice (b % (D/64)): exactly the writers of what it reads next."""
+    g = msp._geometry(d, f, 1, msp.StackTiles(blocks=f // 32))
+    act_writer = {col: b for b in range(g.blocks) for col in range(32 * b, 32 * b + 32)}
+    for b in range(g.blocks):
+        s, n = b // g.n_cols, b % g.n_cols
+        split_group = {p for p in range(g.blocks) if p // g.n_cols == s}
+        assert {act_writer[col] for col in range(s * g.kd, (s + 1) * g.kd)} == split_group
+        assert len(split_group) == g.n_cols
+        # the share of b (rows [rs (b // n_cols), +rs), columns [64n, +64)) lies in column slice n, whose partials
+        # are written by blocks k * n_cols + n, one per split k
+        part_writers = {k * g.n_cols + n for k in range(g.splits)}
+        col_group = {p for p in range(g.blocks) if p % g.n_cols == n}
+        assert part_writers == col_group and len(col_group) == g.splits
+    # the shares tile [M, D] exactly once, each inside its block's column slice
+    cover = np.zeros((msp.ROWS, d), int)
+    for b in range(g.blocks):
+        r0, c0 = (b // g.n_cols) * g.rs, (b % g.n_cols) * msp.COLS
+        cover[r0:r0 + g.rs, c0:c0 + msp.COLS] += 1
+    assert (cover == 1).all()
+
+
+def test_the_no_compute_block_programs_run():
+    """compute=False (interpret mode, small): the same loads, stores and ring refills without wgmma or epilogue
+    arithmetic; phase 3 leaves x as it was."""
+    tiles = msp.StackTiles(64, 2, 16, "stream", 2, compute=False)
+    x, _, _, wt = _problem(2, SMALL_D, SMALL_F, SMALL[0])
+    act = msp.phase1(x.astype(jnp.bfloat16), wt, tiles, layer=1, interpret=True)
+    part = msp.phase2(act, wt, tiles, d=SMALL_D, layer=1, interpret=True)
+    assert act.shape == (msp.ROWS, SMALL_F) and part.shape == (4, msp.ROWS, SMALL_D)
+    x_new, h_new = msp.phase3(x, jnp.ones_like(part), tiles, interpret=True)
+    np.testing.assert_array_equal(np.asarray(x_new), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(h_new), np.asarray(x.astype(jnp.bfloat16)))
 
 
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(tile_rows=96), "tile_rows"), (dict(slots=1), "slots >= 2"), (dict(h_mode="smem"), "h_mode"),
     (dict(act_slots=1), "act_slots >= 2"), (dict(tile_rows=256, slots=4, h_mode="resident"), "shared memory"),
-    (dict(blocks=0), "blocks"),
+    (dict(blocks=0), "blocks"), (dict(sync="cluster"), "sync must be"), (dict(compute=1), "compute must be"),
 ])
 def test_bad_variants_are_named(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
