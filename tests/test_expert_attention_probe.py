@@ -142,15 +142,16 @@ def test_tile_weights_puts_each_blocks_slabs_in_order():
     assert not np.asarray(wt[b, g.layers * g.ko:]).any()
 
 
-def test_the_persistent_kernel_lowers_for_hopper_at_full_size():
+@pytest.mark.parametrize("tiles", eap.CARD_VARIANTS, ids=lambda t: t.label().replace(" ", ""))
+def test_the_persistent_kernel_lowers_for_hopper_at_full_size(tiles):
     layers = eap.FULL_LAYERS
-    g = eap._geometry(*FULL_SIZE, layers, FULL)
+    g = eap._geometry(*FULL_SIZE, layers, tiles)
     x = jax.ShapeDtypeStruct((eap.ROWS, eap.FULL_D), jnp.float32)
-    w = jax.ShapeDtypeStruct((FULL.blocks, layers * (g.kq + g.ko), eap.COLS), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((tiles.blocks, layers * (g.kq + g.ko), eap.COLS), jnp.bfloat16)
     kp = jax.ShapeDtypeStruct((layers, eap.FULL_S, eap.HEAD), jnp.bfloat16)
     mods = jax.ShapeDtypeStruct((layers, 3, eap.FULL_D), jnp.bfloat16)
     length = jax.ShapeDtypeStruct((), jnp.int32)
-    fn = jax.jit(functools.partial(eap.expert_attention, tiles=FULL))
+    fn = jax.jit(functools.partial(eap.expert_attention, tiles=tiles))
     jaxpr = str(jax.make_jaxpr(fn)(x, w, kp, kp, mods, length))
     lowered = fn.trace(x, w, kp, kp, mods, length).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
@@ -158,7 +159,20 @@ def test_the_persistent_kernel_lowers_for_hopper_at_full_size():
     assert (jaxpr.count("semaphore_signal"), jaxpr.count("semaphore_wait")) == (11, 10)
     assert "wgmma" in jaxpr
     assert eap.rounds_per_call(layers) == 2 + 7 * layers - 1
-    assert FULL.smem_bytes() <= eap.SHARED_MEMORY_BYTES
+    assert tiles.smem_bytes() <= eap.SHARED_MEMORY_BYTES
+
+
+def test_each_blocks_stream_length_is_its_tiles():
+    """The ring's bound (`_stop`): QKV blocks stream L (Kq + Ko) / R tiles, the others L Ko / R; tile_weights gives
+    exactly those rows non-zero padding aside, so no refill reads past a block's own stream."""
+    _, _, _, _, _, _, _, wt, g = _problem(2, FULL_SIZE, FULL)
+    w = np.asarray(wt)
+    assert w.shape[1] == g.layers * g.per_layer * g.r
+    for b in (0, g.nq - 1):
+        assert np.abs(w[b]).reshape(-1, g.r * eap.COLS).max(axis=1).min() > 0  # every tile of the stream is real
+    for b in (g.nq, g.blocks - 1):
+        real = np.abs(w[b]).reshape(-1, g.r * eap.COLS).max(axis=1) > 0
+        assert real[:g.layers * g.t2].all() and not real[g.layers * g.t2:].any()
 
 
 @pytest.mark.parametrize("kwargs, needle", [
