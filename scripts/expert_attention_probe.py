@@ -21,11 +21,14 @@ Work split of `expert_attention` per layer (B = 128 at full size), a grid barrie
 - A qkv (GEMM, split-K): block b < 40 SQ: column tile n = b % 40 (of Q / 64), split s = b // 40 (SQ = 2: 80
   blocks, Kq = 512); A operand h[:, s Kq:+Kq] through an A ring, B its weight tiles through the weight ring;
   stores the float32 partial [M, 64] to qkv_part[s][:, 64n:+64]. RoPE needs columns i and i + 128 of a head
-  together and the split sum first, so it waits for phase B.
+  together and the split sum first, so it waits for phase B. SQ = 2 because equal splits of D in 64-row tiles
+  with 40 SQ <= 128 leave only 1, 2 (SQ = 3 does not divide 1024); uneven splits are a later step.
 - B reduce + RoPE: block b < 20 x 4: pair p = b % 20 (head p // 2 of N + 2, half c = p % 2: the 64-column tiles
   4 hd + c and 4 hd + c + 2), rows [16 r, +16) (r = b // 20): sums the SQ partials in split order, rounds to bf16
   (upstream's GEMM output), rotates (q, k; float32 math on a host-made cos/sin table of exactly gemma.rope's
-  radians, rounded to bf16), scales q by 1/16 (exact), stores qkv bf16 [M, Q].
+  radians, rounded to bf16), scales q by 1/16 (exact), stores qkv bf16 [M, Q]. Its own phase (one barrier) rather
+  than folded into the attention prologue: there all 80 attention blocks would each re-sum and rotate the shared
+  k and v (8 of the 40 partial tiles x SQ) and their head's q: ~10x the L2 reads of this 80-block pass.
 - C attention (flash-decoding): block b < N KT (80): head n = b % N, key tile kt = b // N (kt < S/64: prefix rows
   64 kt.. of K_l/V_l; kt = S/64: the own k/v columns of qkv). S = q_n k^T (wgmma, transposed B), masked to BIG_NEG
   where the key is invalid (a host-made 0/1 per-key vector: prefix s < length, own t < T), row max m, p = exp(S - m),
