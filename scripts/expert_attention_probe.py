@@ -27,12 +27,13 @@ Work split of `expert_attention` per layer (B = 128 at full size), a grid barrie
   4 hd + c and 4 hd + c + 2), rows [16 r, +16) (r = b // 20): sums the SQ partials in split order, rounds to bf16
   (upstream's GEMM output), rotates (q, k; float32 math on a host-made cos/sin table of exactly gemma.rope's
   radians, rounded to bf16), scales q by 1/16 (exact), stores qkv bf16 [M, Q]. Its own phase (one barrier) rather
-  than folded into the attention prologue: there all 80 attention blocks would each re-sum and rotate the shared
-  k and v (8 of the 40 partial tiles x SQ) and their head's q: ~10x the L2 reads of this 80-block pass.
+  than folded into the attention prologue: there each of the 80 attention blocks would re-sum and rotate its head's
+  q and the shared k and v, 12 tiles x SQ partials of [64, 64] float32 (80 x 24 x 16 KiB = 31 MB of L2 reads per
+  layer, against 40 x 2 x 16 KiB = 1.3 MB for this pass).
 - C attention (flash-decoding): block b < N KT (80): head n = b % N, key tile kt = b // N (kt < S/64: prefix rows
   64 kt.. of K_l/V_l; kt = S/64: the own k/v columns of qkv). S = q_n k^T (wgmma, transposed B), masked to BIG_NEG
   where the key is invalid (a host-made 0/1 per-key vector: prefix s < length, own t < T), row max m, p = exp(S - m),
-  row sum l, o = bf16(p) @ v (wgmma, A from registers); stores o_part[kt, n] float32 [M, H] and m, l.
+  row sum l, o = bf16(p) @ v (wgmma, p via shared memory); stores o_part[kt, n] float32 [M, H] and m, l.
 - D combine: block b: head n = b % N, columns [16 c, +16) of the head (c = b // N): M = max_k m_k, w_k =
   exp(m_k - M), o = bf16(sum_k w_k o_k / sum_k w_k l_k) (key tiles in order) into o [M, N H] bf16.
 - E out-proj (split-K, as mlp_stack's down): D / 64 = 16 column slices x SO = 8 splits of Ko = 256 (one head
