@@ -1,0 +1,196 @@
+"""pallas_kernels/expert_megakernel.py: the new phases' block programs (M1 gate/up + GeGLU, M2 down, the reduce with
+the ffw gate, the norm with the ffw / final mods; Mosaic GPU interpret mode, no semaphores) compute what the plain-JAX
+emulation of the schedule does, small and at full width; the phases chained match the emulation, and the emulation
+matches upstream's layers at full size; the persistent kernel (global semaphores: card only) lowers for Hopper at
+full size (L = 18, 128 blocks); bad operands are named; on a GPU, the kernel against the reference."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import expert_megakernel as em
+
+SMALL = em.MegaTiles(64, 2, 2, 16, 1)  # 16 QKV tiles x 1 split, 4 column slices x 4 K splits, F = 512
+SMALL_SIZE = (256, 2, 128, 512)  # D, heads, S, F
+FULL = em.MegaTiles()
+FULL_SIZE = (em.FULL_D, em.FULL_HEADS, em.FULL_S, em.FULL_F)
+LENGTH = {128: 100, 576: em.FULL_LENGTH}
+
+
+@functools.cache
+def _problem(layers, size, tiles):
+    d, heads, s, f = size
+    x, wqkv, wo, wg, wu, wd, kp, vp, mods, final = em.random_problem(jax.random.key(layers), layers, d, heads, s, f)
+    wt = em.pack_weights(wqkv, wo, wg, wu, wd, tiles)
+    length = jnp.int32(LENGTH[s])
+    g = em.geometry(x, wt, kp, vp, mods, final, length, tiles)
+    return (x, wqkv, wo, wg, wu, wd, kp, vp, mods, final, length), wt, g
+
+
+def _close(got, want, tol):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err <= tol, err
+
+
+def _mlp_phases(size, tiles, layer):
+    (x, *_, mods, final, _), wt, g = _problem(2, size, tiles)
+    h = em.norm_emulated(x, em.ssq_emulated(x, g), mods, g, layer=layer, rows=(em.FFW_SCALE, em.FFW_SHIFT))
+    act = em.phase_m1(h, wt, g, tiles, layer=layer, interpret=True)
+    want_act = em.m1_emulated(h, wt, g, layer=layer)
+    # float32 sums in another order can move a bf16 rounding of gate/up by one ulp; nearly all entries agree
+    assert np.mean(np.asarray(act) == np.asarray(want_act)) > 0.99
+    _close(act.astype(jnp.float32), want_act.astype(jnp.float32), 1e-3)
+    part = em.phase_m2(want_act, wt, g, tiles, layer=layer, interpret=True)
+    _close(part, em.m2_emulated(want_act, wt, g, layer=layer), 1e-6)
+    return x, mods, final, part, g
+
+
+def test_new_phases_match_their_emulation_small():
+    """M1, M2 (second layer: offsets into each block's stream past its QKV and Wo slabs), the reduce with the ffw
+    gate, the norm with the ffw mods and with the final mods (norm_table's last row)."""
+    x, mods, final, part, g = _mlp_phases(SMALL_SIZE, SMALL, 1)
+    got_x, got_ssq = em.phase_reduce(x, part, mods, g, SMALL, layer=1, gate_row=em.FFW_GATE, interpret=True)
+    want_x, want_ssq = em.reduce_emulated(x, part, mods, g, layer=1, gate_row=em.FFW_GATE)
+    np.testing.assert_array_equal(np.asarray(got_x), np.asarray(want_x))  # the same adds in the same order
+    _close(got_ssq, want_ssq, 1e-6)
+    assert not np.array_equal(np.asarray(want_x), np.asarray(  # the gate row matters
+        em.reduce_emulated(x, part, mods, g, layer=1, gate_row=em.ATTN_GATE)[0]))
+    for table, layer, rows in ((mods, 1, (em.FFW_SCALE, em.FFW_SHIFT)), (em.norm_table(mods, final), g.layers, (0, 1))):
+        got = em.phase_norm(want_x, want_ssq, table, g, SMALL, layer=layer, rows=rows, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(
+            em.norm_emulated(want_x, want_ssq, table, g, layer=layer, rows=rows)))
+    want_final = em.norm_emulated(want_x, want_ssq, em.norm_table(mods, final), g, layer=g.layers)
+    from pi05_jax.model import gemma
+    np.testing.assert_array_equal(np.asarray(want_final), np.asarray(  # norm_table's last row is the final norm
+        gemma.ada_rms_norm(want_x, final[0], final[1]).astype(jnp.bfloat16)))
+
+
+def test_mlp_phases_match_their_emulation_at_full_width():
+    """M1 (128 blocks x 32 act columns, 16 tiles each) and M2 (16 column slices x 8 splits of 512) at D 1024."""
+    _mlp_phases(FULL_SIZE, FULL, 1)
+
+
+def test_chained_phases_match_the_emulation_and_the_reference():
+    """Eleven launches per layer, two layers, small: against the emulation (the same program; chained, ulp flips of
+    bf16 roundings spread, as in the attention probe's test) and upstream's layers on the 50 real rows."""
+    args, wt, _ = _problem(2, SMALL_SIZE, SMALL)
+    x, *_, kp, vp, mods, final, length = args
+    got_h, got_x = em.expert_stack_phases(x, wt, kp, vp, mods, final, length, SMALL, interpret=True)
+    emu_h, emu_x = em.expert_stack_emulated(x, wt, kp, vp, mods, final, length, SMALL)
+    assert em.rel_err(got_x, emu_x, x) < 5e-3
+    assert em.rel_err(got_h, emu_h) < 5e-3
+    ref_h, ref_x = em.expert_stack_reference(*args)
+    assert em.rel_err(got_x, ref_x, x) < em.GATE
+    assert em.rel_err(got_h, ref_h) < em.GATE
+    assert got_h.dtype == jnp.bfloat16 and got_x.dtype == jnp.float32
+    assert np.isfinite(np.asarray(got_x)).all()
+
+
+def test_emulated_schedule_matches_the_reference_at_full_size():
+    args, wt, _ = _problem(2, FULL_SIZE, FULL)
+    x, *_, kp, vp, mods, final, length = args
+    emu_h, emu_x = jax.jit(functools.partial(em.expert_stack_emulated, tiles=FULL))(x, wt, kp, vp, mods, final,
+                                                                                   length)
+    ref_h, ref_x = jax.jit(em.expert_stack_reference)(*args)
+    assert em.rel_err(emu_x, ref_x, x) < 8e-3
+    assert em.rel_err(emu_h, ref_h) < 8e-3
+
+
+def test_pack_weights_puts_each_blocks_slabs_in_order():
+    (_, wqkv, wo, wg, wu, wd, *_), wt, g = _problem(2, FULL_SIZE, FULL)
+    layer = 1
+    b = 45  # a QKV block: split 1, column tile 5; out-proj / down split 2, column slice 13; act columns 45
+    per = wt[b].reshape(g.layers, g.per_q * g.r, em.COLS)[layer]
+    np.testing.assert_array_equal(per[:g.kq], wqkv[layer, 512:1024, 320:384])
+    per = per[g.kq:]
+    np.testing.assert_array_equal(per[:g.ko], wo[layer, 512:768, 832:896])
+    np.testing.assert_array_equal(per[g.ko:g.ko + g.d, :32], wg[layer, :, 45 * 32:46 * 32])
+    np.testing.assert_array_equal(per[g.ko:g.ko + g.d, 32:], wu[layer, :, 45 * 32:46 * 32])
+    np.testing.assert_array_equal(per[g.ko + g.d:], wd[layer, 1024:1536, 832:896])
+    b = 100  # no QKV: split 6, column slice 4, then zero padding never fetched
+    rest = wt[b, :g.layers * g.per_o * g.r].reshape(g.layers, g.per_o * g.r, em.COLS)[layer]
+    np.testing.assert_array_equal(rest[:g.ko], wo[layer, 1536:1792, 256:320])
+    np.testing.assert_array_equal(rest[g.ko + g.d:], wd[layer, 3072:3584, 256:320])
+    assert not np.asarray(wt[b, g.layers * g.per_o * g.r:]).any()
+
+
+@pytest.mark.parametrize("tiles", em.CARD_VARIANTS, ids=lambda t: t.label().replace(" ", ""))
+def test_the_persistent_kernel_lowers_for_hopper_at_full_size(tiles):
+    layers = em.FULL_LAYERS
+    g = em._geometry(em.FULL_D, em.FULL_HEADS, em.FULL_S, layers, tiles)
+    sds = jax.ShapeDtypeStruct
+    x = sds((em.ROWS, em.FULL_D), jnp.float32)
+    w = sds((tiles.blocks, layers * g.per_q * g.r, em.COLS), jnp.bfloat16)
+    kp = sds((layers, em.FULL_S, em.HEAD), jnp.bfloat16)
+    mods = sds((layers, 6, em.FULL_D), jnp.bfloat16)
+    final = sds((2, em.FULL_D), jnp.bfloat16)
+    length = sds((), jnp.int32)
+    fn = jax.jit(functools.partial(em.expert_stack, tiles=tiles))
+    jaxpr = str(jax.make_jaxpr(fn)(x, w, kp, kp, mods, final, length))
+    lowered = fn.trace(x, w, kp, kp, mods, final, length).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+    # barrier sites: 2 in the prologue, 11 in the layer body (10 + 1 under `layer + 1 < L`); plus done and wind-back
+    assert (jaxpr.count("semaphore_signal"), jaxpr.count("semaphore_wait")) == (15, 14)
+    assert "wgmma" in jaxpr
+    assert em.rounds_per_call(layers) == 2 + 11 * layers - 1
+    assert tiles.smem_bytes() <= em.SHARED_MEMORY_BYTES
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(tile_rows=96), "tile_rows"), (dict(slots=1), "slots"), (dict(act_slots=1), "slots"),
+    (dict(blocks=0), "blocks"), (dict(tile_rows=128, slots=8, act_slots=8), "shared memory"),
+])
+def test_bad_variants_are_named(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        em.MegaTiles(**kwargs)
+
+
+def test_bad_operands_are_named():
+    args, wt, _ = _problem(2, SMALL_SIZE, SMALL)
+    x, wqkv, wo, wg, wu, wd, kp, vp, mods, final, length = args
+
+    def call(**kw):
+        a = dict(x=x, w_tiles=wt, kp=kp, vp=vp, mods=mods, final=final, length=length)
+        a.update(kw)
+        return em.expert_stack(**a, tiles=SMALL)
+
+    for kw, needle in ((dict(x=x[:50]), "x.shape"), (dict(x=x.astype(jnp.bfloat16)), "x.dtype"),
+                       (dict(kp=kp[:, :100], vp=vp[:, :100]), "S must be a multiple"),
+                       (dict(kp=kp.astype(jnp.float32)), "kp.shape"), (dict(vp=vp[:, :64]), "vp.shape"),
+                       (dict(mods=mods[:, :3]), "mods.shape"), (dict(final=final[:1]), "final.shape"),
+                       (dict(length=jnp.int32(129)), "length"), (dict(length=jnp.ones(2, jnp.int32)), "length.shape"),
+                       (dict(w_tiles=wt[:, :-7]), "w_tiles.shape")):
+        with pytest.raises(ValueError, match=needle):
+            call(**kw)
+    for fn in (em.expert_stack_emulated, em.expert_stack_phases):
+        with pytest.raises(ValueError, match="length"):
+            fn(x, wt, kp, vp, mods, final, jnp.int32(129), SMALL)
+    with pytest.raises(ValueError, match="wo.shape"):
+        em.pack_weights(wqkv, wo[:, :256], wg, wu, wd, SMALL)
+    with pytest.raises(ValueError, match="wd.shape"):
+        em.pack_weights(wqkv, wo, wg, wu, wd[:, :256], SMALL)
+    with pytest.raises(ValueError, match="wg must be bfloat16"):
+        em.pack_weights(wqkv, wo, wg.astype(jnp.float32), wu, wd, SMALL)
+    with pytest.raises(ValueError, match="tokens"):
+        em.expert_stack_emulated(x, wt, kp, vp, mods, final, length, SMALL, tokens=65)
+
+
+@pytest.mark.gpu
+def test_the_megakernel_matches_the_reference_on_the_card():
+    args, _, _ = _problem(2, FULL_SIZE, FULL)
+    x, wqkv, wo, wg, wu, wd, kp, vp, mods, final, length = args
+    wt = em.pack_weights(wqkv, wo, wg, wu, wd, FULL)
+    fn = jax.jit(functools.partial(em.expert_stack, tiles=FULL))
+    h, xo = fn(x, wt, kp, vp, mods, final, length)
+    ref_h, ref_x = jax.jit(em.expert_stack_reference)(*args)
+    assert em.rel_err(xo, ref_x, x) < em.GATE
+    assert em.rel_err(h, ref_h) < em.GATE
+    h2, x2 = fn(x, wt, kp, vp, mods, final, length)
+    np.testing.assert_array_equal(np.asarray(x2), np.asarray(xo))
+    np.testing.assert_array_equal(np.asarray(h2.astype(jnp.float32)), np.asarray(h.astype(jnp.float32)))
