@@ -77,8 +77,9 @@ def test_mlp_phases_match_their_emulation_at_full_width():
 
 
 def test_chained_phases_match_the_emulation_and_the_reference():
-    """Eleven launches per layer, two layers, small: against the emulation (the same program; chained, ulp flips of
-    bf16 roundings spread, as in the attention probe's test) and upstream's layers on the 50 real rows."""
+    """Eleven launches per layer, two layers, small: against the emulation (the same program; measured identical
+    here; chained, an ulp flip of a bf16 rounding would spread, as in the attention probe's test: 2.3e-3 at x of unit
+    RMS) and upstream's layers on the 50 real rows (measured 5.0e-3 on x, 1.4e-3 on h)."""
     args, wt, _ = _problem(2, SMALL_SIZE, SMALL)
     x, *_, kp, vp, mods, final, length = args
     got_h, got_x = em.expert_stack_phases(x, wt, kp, vp, mods, final, length, SMALL, interpret=True)
@@ -93,13 +94,17 @@ def test_chained_phases_match_the_emulation_and_the_reference():
 
 
 def test_emulated_schedule_matches_the_reference_at_full_size():
+    """Full size, 2 layers, at the probes' (and main()'s) gate. Measured (CPU) 7.0e-3 on x, 3.0e-3 on h: bf16
+    roundings at other points, mostly the attention's (flash's unnormalized bf16 p; the attention probe measured
+    5.9e-3 for its block alone); the MLP alone (M1 + M2 on one h2) is 3.5e-3 off a float32 oracle against 4.2e-3
+    for upstream's XLA MLP. (At x of unit RMS: 8.1e-3, see random_problem.)"""
     args, wt, _ = _problem(2, FULL_SIZE, FULL)
     x, *_, kp, vp, mods, final, length = args
     emu_h, emu_x = jax.jit(functools.partial(em.expert_stack_emulated, tiles=FULL))(x, wt, kp, vp, mods, final,
                                                                                    length)
     ref_h, ref_x = jax.jit(em.expert_stack_reference)(*args)
-    assert em.rel_err(emu_x, ref_x, x) < 8e-3
-    assert em.rel_err(emu_h, ref_h) < 8e-3
+    assert em.rel_err(emu_x, ref_x, x) < em.GATE
+    assert em.rel_err(emu_h, ref_h) < em.GATE
 
 
 def test_pack_weights_puts_each_blocks_slabs_in_order():
