@@ -107,6 +107,22 @@ def test_emulated_schedule_matches_the_reference_at_full_size():
     assert em.rel_err(emu_h, ref_h) < em.GATE
 
 
+def test_own_token_count_is_a_static_argument():
+    """tokens = 37 (fewer own keys, fewer rows compared): the emulation against upstream's layers on those rows; the
+    own key tile's valid keys are exactly the first `tokens`."""
+    args, wt, _ = _problem(2, SMALL_SIZE, SMALL)
+    x, *_, kp, vp, mods, final, length = args
+    emu_h, emu_x = em.expert_stack_emulated(x, wt, kp, vp, mods, final, length, SMALL, tokens=37)
+    ref_h, ref_x = em.expert_stack_reference(*args, tokens=37)
+    assert ref_x.shape == (37, x.shape[1])
+    assert em.rel_err(emu_x, ref_x, x) < em.GATE
+    assert em.rel_err(emu_h, ref_h) < em.GATE
+    own = np.asarray(em.key_valid(length, kp.shape[1], 37))[kp.shape[1]:]
+    assert own[:37].all() and not own[37:].any()
+    default_h, _ = em.expert_stack_emulated(x, wt, kp, vp, mods, final, length, SMALL)
+    assert not np.array_equal(np.asarray(default_h[:37]), np.asarray(emu_h[:37]))  # the own keys differ
+
+
 def test_pack_weights_puts_each_blocks_slabs_in_order():
     (_, wqkv, wo, wg, wu, wd, *_), wt, g = _problem(2, FULL_SIZE, FULL)
     layer = 1
