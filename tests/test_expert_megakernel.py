@@ -141,6 +141,28 @@ def test_pack_weights_puts_each_blocks_slabs_in_order():
     assert not np.asarray(wt[b, g.layers * g.per_o * g.r:]).any()
 
 
+def test_each_blocks_stream_length_is_its_tiles():
+    """The ring's bound (`_stop`): QKV blocks stream L per_q tiles, the others L per_o; pack_weights gives exactly
+    those rows non-zero, padding aside, so no refill reads past a block's own stream, and the per-layer offsets of
+    the four GEMM phases (`_offsets`) tile each block's stream without gap or overlap."""
+    _, wt, g = _problem(2, FULL_SIZE, FULL)
+    w = np.asarray(wt)
+    assert w.shape[1] == g.layers * g.per_q * g.r
+    real = np.abs(w).reshape(g.blocks, -1, g.r * em.COLS).max(axis=2) > 0
+    assert real[:g.nq].all()
+    assert real[g.nq:, :g.layers * g.per_o].all() and not real[g.nq:, g.layers * g.per_o:].any()
+    assert (g.per_q, g.per_o) == (g.t1 + g.t2 + g.tm1 + g.tm2, g.t2 + g.tm1 + g.tm2) == (36, 28)
+    for b in (0, g.nq):
+        c = type("C", (), {"g": g, "b": jnp.int32(b)})()
+        per = g.per_q if b < g.nq else g.per_o
+        assert int(em._stop(c)) == g.layers * per
+        o = em._offsets(c, 1)
+        starts = [int(o.qkv)] * (b < g.nq) + [int(o.wo), int(o.m1), int(o.m2)]
+        counts = [g.t1] * (b < g.nq) + [g.t2, g.tm1, g.tm2]
+        assert starts[0] == per
+        assert all(s + n == e for s, n, e in zip(starts, counts, [*starts[1:], 2 * per], strict=True))
+
+
 @pytest.mark.parametrize("tiles", em.CARD_VARIANTS, ids=lambda t: t.label().replace(" ", ""))
 def test_the_persistent_kernel_lowers_for_hopper_at_full_size(tiles):
     layers = em.FULL_LAYERS
