@@ -8,10 +8,15 @@ bench run. Nothing registers itself; a new implementation is a line in IMPLEMENT
 - `pallas`: `compact` with the Pallas kernels (ragged prefill attention, GQA cross-attention, the expert's GeGLU)
   and SigLIP's attention as one jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU in bf16, its XLA
   implementation on the CPU and in float32 (cuDNN has neither; `Ops.describe()` says which runs).
+- `megakernel`: `pallas` with each Euler step's expert as one persistent Mosaic GPU kernel
+  (pallas_kernels.expert_megakernel via pi05_jax.fast.megakernel). bf16 weights only (bf16 wgmma), so it has no
+  float32 parity: its tests compare it against `reference` in bf16 and its phases against their plain-JAX
+  emulation (tests/test_megakernel_path.py, tests/test_expert_megakernel.py).
 
-Each is tested for float32 parity against `reference` on the shared cases (tests/test_fast_path.py); `parity_tested`
-says so, and `default_kernels` picks from those. Every phase of a float32 model is traced with float32 GEMMs
-(pi05_jax.model.precision: JAX's default would run them in TF32 on NVIDIA GPUs).
+`compact` and `pallas` are tested for float32 parity against `reference` on the shared cases
+(tests/test_fast_path.py); `parity_tested` says so, and `default_kernels` picks from those. Every phase of a
+float32 model is traced with float32 GEMMs (pi05_jax.model.precision: JAX's default would run them in TF32 on
+NVIDIA GPUs).
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ REFERENCE = Implementation(
 )
 
 
-def fast(name: str, options: FastPathOptions, description: str) -> Implementation:
+def fast(name: str, options: FastPathOptions, description: str, *, parity_tested: bool = True) -> Implementation:
     """The fast path with these options as an Implementation."""
 
     def phases(plan):
@@ -79,7 +84,7 @@ def fast(name: str, options: FastPathOptions, description: str) -> Implementatio
                                    pack=None, prepare=None, plan=None, specialize=None, **phases(plan))
 
     base = Implementation(
-        name=name, description=description, parity_tested=True, options=options,
+        name=name, description=description, parity_tested=parity_tested, options=options,
         denoise=exact_float32(functools.partial(fast_path.denoise_phase, options=options)),
         pack=lambda params, consume=False: fast_path.pack(params, options, consume=consume),
         prepare=lambda params, num_steps: fast_path.prepare(params, num_steps, options=options),
@@ -96,7 +101,11 @@ PALLAS = fast("pallas", FastPathOptions(attention="pallas", fused_attention="vis
               "(Triton on the GPU, interpret mode on the CPU) and SigLIP's attention fused (cuDNN on the GPU in "
               "bf16)")
 
-IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (REFERENCE, COMPACT, PALLAS)}
+MEGAKERNEL = fast("megakernel", FastPathOptions(attention="pallas", fused_attention="vision", expert="megakernel"),
+                  "as 'pallas', with each Euler step's action expert (all layers) as one persistent Mosaic GPU "
+                  "kernel (bf16 weights only; its phases in interpret mode on the CPU)", parity_tested=False)
+
+IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (REFERENCE, COMPACT, PALLAS, MEGAKERNEL)}
 
 # What `serve`, `infer` and `demo` run when --kernels is not given, per JAX platform (`default_kernels`).
 DEFAULT_KERNELS = {"gpu": "pallas", "cpu": "compact"}

@@ -20,6 +20,7 @@ import pallas_kernels
 from checkpoints.layout import param_shapes
 from pi05_jax import implementations
 from pi05_jax.config import preset
+from pi05_jax.fast import path as fast_path
 from pi05_jax.synthetic import synthetic_noise, synthetic_observation
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -28,7 +29,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 EXPECTED = {
     "pallas": ("ragged_prefill_attention", "gqa_cross_attention_packed", "geglu_matmul"),
     "compact": (),
+    "megakernel": ("ragged_prefill_attention", "mosaic_gpu_v2"),  # the expert step: the one Mosaic GPU kernel
 }
+# kernels a lowered sample must not hold: the megakernel replaces the expert's per-layer kernels
+ABSENT = {"megakernel": ("gqa_cross_attention_packed", "geglu_matmul")}
 
 
 @pytest.fixture
@@ -39,6 +43,7 @@ def lowered_as_on_hopper(hopper, monkeypatch):
         module = importlib.import_module(f"pallas_kernels.{info.name}")
         if hasattr(module, "resolve_interpret"):
             monkeypatch.setattr(module, "resolve_interpret", bool)  # None -> False: the compiled kernel
+    monkeypatch.setattr(fast_path, "expert_stack_backend", lambda platform: "mosaic")  # the persistent kernel
 
 
 def _param_shapes(config):
@@ -65,3 +70,7 @@ def test_full_size_sample_lowers_for_hopper(lowered_as_on_hopper, kernels):
     assert "callback" not in text, "a kernel lowered in interpret mode"
     for name in EXPECTED[kernels]:
         assert name in text, f"{kernels}: no {name} in the lowered sample"
+    for name in ABSENT.get(kernels, ()):
+        assert name not in text, f"{kernels}: {name} in the lowered sample"
+    if kernels == "megakernel":
+        assert text.count("mosaic_gpu_v2") == 1, "one persistent kernel launch per Euler step (one call site)"

@@ -26,7 +26,8 @@ class Progress:
 # The implementations (pi05_jax.implementations.IMPLEMENTATIONS; a test keeps this list in step with it), for --help
 # without importing JAX.
 KERNELS_HELP = ("'reference' (plain JAX, upstream-exact), 'compact' (valid views, compacted prefix, packed weights, "
-                "XLA attention), 'pallas' (compact + the Pallas attention and GeGLU kernels: the GPU fast path)")
+                "XLA attention), 'pallas' (compact + the Pallas attention and GeGLU kernels: the GPU fast path), "
+                "'megakernel' (pallas + the action expert's Euler step as one persistent Mosaic GPU kernel; bf16 only)")
 
 
 # --help text for the platform defaults (pi05_jax.implementations.default_kernels picks the implementation,

@@ -26,9 +26,12 @@ Axis legend: B batch, T action tokens, A action dim, S prefix len, L layers, D w
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from pi05_jax.fast import megakernel
 from pi05_jax.fast.ops import Ops
 from pi05_jax.fast.prefix import CompactPrefix
 from pi05_jax.leaf_cache import LeafCache
@@ -37,7 +40,8 @@ from pi05_jax.model.linear import promoted_dense
 from pi05_jax.model.precision import matmul_precision
 from pi05_jax.model.weights import weight_einsum
 
-# params[CONSTANTS_KEY]: {"adarms": the table of `modulation_table`, "layout": pi05_jax.fast.ops.Layout}
+# params[CONSTANTS_KEY]: {"adarms": the table of `modulation_table`, "layout": pi05_jax.fast.ops.Layout, and for
+# the megakernel "megakernel": `with_megakernel_constants`}
 CONSTANTS_KEY = "fast_path_constants"
 
 
@@ -88,6 +92,22 @@ def with_constants(params, num_steps: int, layout) -> dict:
     """params plus the cached modulation table and the weights' layout (static: part of the pytree's structure)
     under CONSTANTS_KEY (a new top-level dict; no leaf is copied)."""
     return {**params, CONSTANTS_KEY: {"adarms": modulation_table(params, num_steps), "layout": layout}}
+
+
+def with_megakernel_constants(params) -> dict:
+    """params (after `with_constants`) plus what the megakernel reads (pi05_jax.fast.megakernel): the expert's
+    weight tiles (once per checkpoint), the adaRMS table regrouped per step ({"mods": [I, L, 6, D], "final":
+    [I, 2, D]}) and the kernel's tiles for these sizes (static: `megakernel.tiles_for`)."""
+    layers = params["PaliGemma"]["llm"]["layers"]
+    megakernel.check_expert(layers, reference.params_dtype(params))
+    choice = megakernel.tiles_for(layers)
+    constants = params[CONSTANTS_KEY]
+    found = {"w_tiles": megakernel.megakernel_weights(layers, choice.tiles), "choice": choice,
+             **_KERNEL_TABLES.get(constants["adarms"], lambda: megakernel.kernel_modulations(constants["adarms"]))}
+    return {**params, CONSTANTS_KEY: {**constants, "megakernel": found}}
+
+
+_KERNEL_TABLES = LeafCache()
 
 
 def _table_in(params, num_steps: int) -> dict:
@@ -145,10 +165,28 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, ops: Ops):
     horizon = noise.shape[1]
     positions = prefix.lengths[:, None] + jnp.arange(horizon, dtype=jnp.int32)[None, :]
 
+    if ops.expert_stack is not None:
+        found = params.get(CONSTANTS_KEY, {}).get("megakernel")
+        if found is None:
+            raise ValueError("the megakernel's weight tiles are made once per checkpoint by the implementation's "
+                             "prepare(params, num_steps) (pi05_jax.fast.path.prepare); these params have none")
+        if found["mods"].shape[0] != steps:
+            raise ValueError(f"the megakernel's modulation table holds {found['mods'].shape[0]} steps; this call "
+                             f"runs {steps}: prepare the params for num_steps={num_steps}")
+        kp, vp = megakernel.stacked_kv(prefix.kv)
+
+        def expert(tokens, i):
+            return megakernel.expert_step(functools.partial(ops.expert_stack, tiles=found["choice"].tiles),
+                                          found["w_tiles"], kp, vp, found["mods"][i], found["final"][i],
+                                          prefix.lengths, tokens)
+    else:
+        def expert(tokens, i):
+            return expert_forward(llm["layers"], tokens, _step_modulations(table, i), prefix.kv, positions,
+                                  prefix.lengths, ops)
+
     def step(i, x):
         tokens = promoted_dense(x, params["action_in_proj"]["kernel"], params["action_in_proj"]["bias"])
-        out = expert_forward(llm["layers"], tokens.astype(dtype), _step_modulations(table, i), prefix.kv, positions,
-                             prefix.lengths, ops)
+        out = expert(tokens.astype(dtype), i)
         v = promoted_dense(out, params["action_out_proj"]["kernel"], params["action_out_proj"]["bias"])
         return x + dt * v
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 # pallas_call is traced, that flag changes the tracing context after the sampler's first compile, so the second call
 # of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
-from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
+from pallas_kernels import expert_megakernel, gqa_cross_attention, ragged_prefill_attention
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes, geglu_matmul
 from pi05_jax.fast.packing import is_array
 from pi05_jax.model import gemma, layer_stack, siglip
@@ -36,6 +36,15 @@ ATTENTIONS = ("xla", "pallas")
 # on a GPU in bf16/fp16): "none" (upstream's einsum-softmax-einsum) or "vision". The prefix LLM's attention through
 # cuDNN tied with the Pallas ragged prefill attention on the H200 and was deleted (docs/PERF.md names the tag).
 FUSED_ATTENTIONS = ("none", "vision")
+# How the action expert runs: "layers" (each layer's pieces as the kernels above) or "megakernel" (all layers of an
+# Euler step in one persistent Mosaic GPU kernel: pallas_kernels.expert_megakernel, via pi05_jax.fast.megakernel)
+EXPERTS = ("layers", "megakernel")
+
+
+def expert_stack_backend(platform: str) -> str:
+    """How the megakernel runs on this platform: "mosaic" (the persistent kernel, a GPU) or "interpret" (its phases
+    as separate launches in Pallas interpret mode: the CPU has no global semaphores)."""
+    return "mosaic" if platform == "gpu" else "interpret"
 
 
 def fused_attention_backend(platform: str, dtype) -> str:
@@ -264,6 +273,9 @@ class Ops:
     expert_attend: Callable
     expert_mlp: Callable
     names: tuple[tuple[str, str], ...]
+    # the expert's whole Euler step as one kernel (pallas_kernels.expert_megakernel.expert_stack's signature), or
+    # None: the layers run as the pieces above
+    expert_stack: Callable | None = None
 
     def describe(self) -> str:
         return ", ".join(f"{piece}: {name}" for piece, name in self.names)
@@ -277,17 +289,22 @@ def _qkv_name(layout: str) -> str:
 @functools.cache
 def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attention.BlockSizes,
             cross_tiles: gqa_cross_attention.BlockSizes, geglu_tiles: SkinnyBlockSizes, *,
-            fused_attention: str = "none", fused_backend: str = "xla") -> Ops:
+            fused_attention: str = "none", fused_backend: str = "xla", expert: str = "layers",
+            stack_backend: str = "interpret") -> Ops:
     """The ops for `attention` ("xla": compact, "pallas") on this layout, SigLIP's attention fused or not
     (`fused_attention`, FUSED_ATTENTIONS) through jax.nn.dot_product_attention's `fused_backend` ("cudnn" or "xla":
-    `fused_attention_backend`). Cached, so equal arguments give the same object (the jitted sampler's static
-    arguments compare equal)."""
+    `fused_attention_backend`), the expert as `expert` (EXPERTS) on `stack_backend` (`expert_stack_backend`).
+    Cached, so equal arguments give the same object (the jitted sampler's static arguments compare equal)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if fused_attention not in FUSED_ATTENTIONS:
         raise ValueError(f"fused_attention must be one of {FUSED_ATTENTIONS}, got {fused_attention!r}")
     if fused_backend not in ("cudnn", "xla"):
         raise ValueError(f"fused_backend must be 'cudnn' or 'xla', got {fused_backend!r}")
+    if expert not in EXPERTS:
+        raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
+    if stack_backend not in ("mosaic", "interpret"):
+        raise ValueError(f"stack_backend must be 'mosaic' or 'interpret', got {stack_backend!r}")
     pallas = attention == "pallas"
     fused_vision = fused_attention == "vision"
     fused_name = ("jax.nn.dot_product_attention (cuDNN)" if fused_backend == "cudnn" else
@@ -312,6 +329,19 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
         mlp = expert_mlp_xla
         names.append(("expert mlp", f"{layout.expert_gating} weights' own matmuls"
                       + (" (the checkpoint is quantized: no Pallas GeGLU)" if pallas else "")))
+    stack = None
+    if expert == "megakernel":
+        if layout.expert_qkv != "fused" or layout.expert_gating == "quantized":
+            raise LayoutError("the megakernel reads the expert's fused bf16 QKV and plain gating weights; this "
+                              f"checkpoint's expert is {layout.expert_qkv} / {layout.expert_gating} (quantized "
+                              "checkpoints: --kernels pallas)")
+        stack = (expert_megakernel.expert_stack if stack_backend == "mosaic" else
+                 functools.partial(expert_megakernel.expert_stack_phases, interpret=True))
+        names = [n for n in names if not n[0].startswith("expert")]
+        names.append(("expert", "Mosaic GPU persistent megakernel, one launch per Euler step and batch row"
+                      if stack_backend == "mosaic" else
+                      "the megakernel's phases, one launch each, in Pallas interpret mode (no global semaphores on "
+                      "this platform)"))
     return Ops(
         vision_qkv=vision_qkv_fused if layout.siglip_qkv in FUSED else vision_qkv_quantized,
         vision_attend=(functools.partial(vision_attend_fused, implementation=fused_backend) if fused_vision
@@ -322,4 +352,5 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
         expert_attend=functools.partial(expert_attend_pallas, tiles=cross_tiles) if pallas else expert_attend_xla,
         expert_mlp=mlp,
         names=tuple(names),
+        expert_stack=stack,
     )

@@ -1,6 +1,6 @@
-"""The fast path's choices: which attention kernels, their tiles, and the prefix bucket. Everything else about the
-fast path is fixed (one layout, one forward pass); variants that lost on the card are in git history (docs/PERF.md
-names the tag)."""
+"""The fast path's choices: which attention kernels, their tiles, the prefix bucket and how the expert runs.
+Everything else about the fast path is fixed (one layout, one forward pass); variants that lost on the card are in
+git history (docs/PERF.md names the tag)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 
 from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes
-from pi05_jax.fast.ops import ATTENTIONS, FUSED_ATTENTIONS
+from pi05_jax.fast.ops import ATTENTIONS, EXPERTS, FUSED_ATTENTIONS
 from pi05_jax.fast.prefix import DEFAULT_BUCKET_SIZE
 
 DEFAULT_CROSS_ATTENTION_TILES = gqa_cross_attention.BlockSizes()
@@ -28,12 +28,18 @@ class FastPathOptions:
     # "vision": SigLIP's attention as one jax.nn.dot_product_attention (cuDNN's fused kernel on a GPU in bf16; its
     # XLA implementation on the CPU and in float32); "none": upstream's einsum-softmax-einsum
     fused_attention: str = "none"
+    # "layers": the expert's layers as separate kernels (the ops above); "megakernel": each Euler step's 18 expert
+    # layers as one persistent Mosaic GPU kernel (pallas_kernels.expert_megakernel; bf16 weights, 64-row tiles; its
+    # grid follows from the expert's sizes: pi05_jax.fast.megakernel.tiles_for)
+    expert: str = "layers"
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.fused_attention not in FUSED_ATTENTIONS:
             raise ValueError(f"fused_attention must be one of {FUSED_ATTENTIONS}, got {self.fused_attention!r}")
+        if self.expert not in EXPERTS:
+            raise ValueError(f"expert must be one of {EXPERTS}, got {self.expert!r}")
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size=}")
 

@@ -19,7 +19,7 @@ import jax
 
 from pi05_jax.fast import denoise as fast_denoise
 from pi05_jax.fast import packing, prefix, vision
-from pi05_jax.fast.ops import Layout, Ops, fused_attention_backend, layout_of, ops_for
+from pi05_jax.fast.ops import Layout, Ops, expert_stack_backend, fused_attention_backend, layout_of, ops_for
 from pi05_jax.fast.options import FastPathOptions
 from pi05_jax.fast.prefix import PrefixPlan
 from pi05_jax.model import layer_stack, reference
@@ -33,9 +33,11 @@ def layout_in(params) -> Layout:
 
 def ops(params, options: FastPathOptions) -> Ops:
     """The ops for these params (their layout and dtype) on JAX's default backend (trace time)."""
+    platform = jax.default_backend()
     return ops_for(options.attention, layout_in(params), options.prefill_attention_tiles,
                    options.cross_attention_tiles, options.geglu_tiles, fused_attention=options.fused_attention,
-                   fused_backend=fused_attention_backend(jax.default_backend(), reference.params_dtype(params)))
+                   fused_backend=fused_attention_backend(platform, reference.params_dtype(params)),
+                   expert=options.expert, stack_backend=expert_stack_backend(platform))
 
 
 def pack(params, options: FastPathOptions, *, consume: bool = False) -> dict:
@@ -53,8 +55,11 @@ def prepare(params, num_steps: int, *, options: FastPathOptions) -> dict:
     params = packing.pack_weights_cached(params, transpose_expert_gating=options.transpose_expert_gating)
     layout = layout_of(params)
     ops_for(options.attention, layout, options.prefill_attention_tiles, options.cross_attention_tiles,
-            options.geglu_tiles)
-    return fast_denoise.with_constants(params, num_steps, layout)
+            options.geglu_tiles, expert=options.expert)
+    params = fast_denoise.with_constants(params, num_steps, layout)
+    if options.expert == "megakernel":
+        params = fast_denoise.with_megakernel_constants(params)
+    return params
 
 
 def plan(params, obs, *, options: FastPathOptions) -> PrefixPlan:
