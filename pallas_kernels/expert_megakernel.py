@@ -1,8 +1,9 @@
 """The action expert's whole L-layer stack for one Euler step in ONE persistent Mosaic GPU kernel (issue 17's
-denoise megakernel): the attention block of scripts/expert_attention_probe.py and the MLP of
-scripts/mlp_stack_probe.py, combined into one launch whose per-block weight ring streams every layer's weights
-without stopping at a phase or layer boundary. The building blocks (ring, lag1 GEMM, counted grid barrier, the
-attention-block phases) are rewritten here; the product imports nothing from scripts/.
+denoise megakernel): the attention block of the expert-attention probe and the MLP of the MLP-stack probe (both
+in git history, tag persistent-probes-2026-12; their card figures in docs/PERF.md), combined into one launch whose
+per-block weight ring streams every layer's weights without stopping at a phase or layer boundary. The building
+blocks (ring, lag1 GEMM, counted grid barrier, the attention-block phases) are rewritten here; the product imports
+nothing from scripts/.
 
 Axis legend: M the 64 rows (T = 50 action tokens padded to 64; rows >= T are padding), D width (1024), N q heads
 (8), one kv head, H head dim (256), Q = (N + 2) H the fused q|k|v columns, F the MLP width (4096 = 32 B), S prefix
@@ -87,8 +88,8 @@ Card run (one device call; a semaphore bug hangs, so wrap it in `timeout`):
 `PYTHONPATH=$PWD:$PWD/scripts timeout 300 python3 -m pallas_kernels.expert_megakernel` (`main`): correctness first
 (`CARD_VARIANTS` at L = 18 and L = 1 against the reference on the 50 real rows, x and the final h, gate 1e-2;
 second call bit-identical; finite; FAILED and exit 1 otherwise), then CUPTI device time of each at L = 18 and
-L = 1, a per-layer line ((L18 - L1) / 17), and today's chain (the two probes' `_today` blocks with upstream's norms
-between) timed the same way.
+L = 1, a per-layer line ((L18 - L1) / 17), and today's `pallas` expert (`_today`: the product's expert_layer)
+timed the same way. `... expert_megakernel 64,3,4 64,4,2` times those ring variants instead, without the baseline.
 """
 
 from __future__ import annotations
@@ -1197,22 +1198,39 @@ CARD_VARIANTS = (MegaTiles(), MegaTiles(64, 6, 2))  # weight ring 32 KiB + A rin
 
 
 def _today(x, wqkv, wo, w_t, wd, kp, vp, mods, final, length):
-    """Today's path per layer: the attention probe's `_today` block (expert_qkv_fused + Pallas gqa attention + XLA
-    out-proj) and the MLP probe's (Pallas geglu_matmul on w_t [L, 2, F, D], the transposed gate/up, + XLA down) with
-    upstream's norms between, on the 50 rows."""
-    import expert_attention_probe as eap
-
-    from pallas_kernels.skinny_matmul import geglu_matmul
+    """Today's `pallas` expert, the product's own code: pi05_jax.fast.denoise.expert_layer with the `pallas` Ops
+    (fused QKV GEMM + RoPE, the Pallas GQA cross-attention, XLA out-proj and residual, upstream's adaRMS norms, the
+    Pallas geglu_matmul on w_t [L, 2, F, D] + XLA down), chained over the layers on the 50 real rows in bf16 as the
+    model runs them (x bf16 between ops) -> (final-normed h bf16 [T, D], x float32 [T, D])."""
+    from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
+    from pallas_kernels.skinny_matmul import SkinnyBlockSizes
+    from pi05_jax.fast import denoise, ops
     from pi05_jax.model import gemma
 
-    x = x[:TOKENS]
-    for layer in range(wqkv.shape[0]):
-        x = eap._today(x, wqkv[layer:layer + 1], wo[layer:layer + 1], kp[layer:layer + 1], vp[layer:layer + 1],
-                       mods[layer:layer + 1, :3], length, pallas=True)
-        h2 = gemma.ada_rms_norm(x, mods[layer, FFW_SCALE], mods[layer, FFW_SHIFT]).astype(jnp.bfloat16)
-        act = geglu_matmul(h2, w_t[layer], interpret=False)
-        x = x + jnp.einsum("MF,FD->MD", act, wd[layer]) * mods[layer, FFW_GATE]
-    return gemma.ada_rms_norm(x, final[0], final[1]).astype(jnp.bfloat16), x
+    layout = ops.Layout(gemma_qkv="fused", expert_qkv="fused", expert_gating="transposed", siglip_qkv="fused")
+    chosen = ops.ops_for("pallas", layout, ragged_prefill_attention.BlockSizes(), gqa_cross_attention.BlockSizes(),
+                         SkinnyBlockSizes())
+    layers, d, q_cols = wqkv.shape
+    heads = q_cols // HEAD - 2
+    lengths = jnp.asarray(length, jnp.int32).reshape(1)
+    positions = lengths[:, None] + jnp.arange(TOKENS, dtype=jnp.int32)[None, :]
+
+    def mod(layer, row):
+        return mods[layer, row].astype(jnp.bfloat16)[None, None, :]
+
+    xb = x[None, :TOKENS].astype(jnp.bfloat16)
+    h = gemma.ada_rms_norm(xb, mod(0, ATTN_SCALE), mod(0, ATTN_SHIFT))
+    for layer in range(layers):
+        p = {"attn": {"qkv_einsum_1": {"w": wqkv[layer].reshape(d, 1, heads + 2, HEAD)},
+                      "attn_vec_einsum_1": {"w": wo[layer].reshape(heads, HEAD, d)}},
+             "mlp_1": {"gating_einsum_t": w_t[layer], "linear": wd[layer]}}
+        nxt = ((mod(layer + 1, ATTN_SCALE), mod(layer + 1, ATTN_SHIFT)) if layer + 1 < layers else
+               (final[0].astype(jnp.bfloat16)[None, None, :], final[1].astype(jnp.bfloat16)[None, None, :]))
+        xb, h = denoise.expert_layer(
+            xb, h, p, kp[layer][None, :, None], vp[layer][None, :, None],
+            tuple(mod(layer, r) for r in (ATTN_SCALE, ATTN_SHIFT, ATTN_GATE)),
+            tuple(mod(layer, r) for r in (FFW_SCALE, FFW_SHIFT, FFW_GATE)), nxt, positions, lengths, chosen)
+    return h[0], xb[0].astype(jnp.float32)
 
 
 def _parse_variants(argv) -> tuple[tuple[MegaTiles, ...], bool]:
@@ -1232,7 +1250,7 @@ def main(argv=None) -> int:
     variants, with_today = _parse_variants(sys.argv[1:] if argv is None else argv)
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
-    from device_time import device_us
+    from device_time import device_us  # scripts/device_time.py: CUPTI device time
 
     if jax.default_backend() != "gpu":
         sys.exit("expert_megakernel: runs a GPU kernel; JAX sees no GPU")
@@ -1298,7 +1316,7 @@ def main(argv=None) -> int:
         th, tx = today(*targs)
         print(f"  (today's chain: rel err vs reference x {rel_err(tx, ref_x, x):.2e} h {rel_err(th, ref_h):.2e})",
               flush=True)
-        us = report("today: attention probe's _today + geglu_matmul + XLA down", device_us(today, *targs))
+        us = report("today: pallas' expert_layer (its Ops, bf16 residual)", device_us(today, *targs))
         us1 = report("today, L=1", device_us(today, *targs1), layers=1)
         print(f"  per layer (L=18 minus L=1, over 17): {(us - us1) / (FULL_LAYERS - 1):.2f} us", flush=True)
     except Exception as ex:  # the baseline does not compile: say so
