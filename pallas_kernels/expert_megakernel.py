@@ -86,9 +86,10 @@ the ssq and all of x (a [64, D] float32 read per block instead of the G -> M1 ha
 Card run (one device call; a semaphore bug hangs, so wrap it in `timeout`):
 `PYTHONPATH=$PWD:$PWD/scripts timeout 300 python3 -m pallas_kernels.expert_megakernel` (`main`): correctness first
 (`CARD_VARIANTS` at L = 18 and L = 1 against the reference on the 50 real rows, x and the final h, gate 1e-2;
-second call bit-identical; finite; FAILED and exit 1 otherwise), then CUPTI device time of each at L = 18 and
-L = 1, a per-layer line ((L18 - L1) / 17), and today's chain (the two probes' `_today` blocks with upstream's norms
-between) timed the same way.
+second call bit-identical; finite; FAILED and exit 1 otherwise; a time-stamped line as each variant's L = 18 and
+L = 1 executables finish compiling, so a slow compile and a hang read apart), then CUPTI device time of each at
+L = 18 and L = 1, a per-layer line ((L18 - L1) / 17), and today's chain (the two probes' `_today` blocks with
+upstream's norms between) timed the same way.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ import dataclasses
 import functools
 import pathlib
 import sys
+import time
 import types
 
 import jax
@@ -1230,6 +1232,13 @@ def main(argv=None) -> int:
     import numpy as np
 
     variants, with_today = _parse_variants(sys.argv[1:] if argv is None else argv)
+    start = time.monotonic()
+
+    def compiled(fn, args, what):  # AOT first (fn's cache keeps it), so a slow compile and a hang read apart
+        t = time.monotonic()
+        fn.lower(*args).compile()
+        print(f"  [{time.monotonic() - start:5.0f} s] {what} compiled in {time.monotonic() - t:.0f} s; calling it "
+              f"(a hang stops here)", flush=True)
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
     from device_time import device_us
@@ -1261,8 +1270,10 @@ def main(argv=None) -> int:
         args1 = (x, w1, one[5], one[6], one[7], final, length)
         fn = jax.jit(functools.partial(expert_stack, tiles=tiles))
         try:
+            compiled(fn, args18, f"{tiles.label()}, L=18")
             h1, x1 = (np.asarray(a) for a in fn(*args18))
             h2, x2 = (np.asarray(a) for a in fn(*args18))
+            compiled(fn, args1, f"{tiles.label()}, L=1")
             hl1, xl1 = fn(*args1)
             errs = (rel_err(x1, ref_x, x), rel_err(h1, ref_h), rel_err(xl1, ref1_x, x), rel_err(hl1, ref1_h))
         except Exception as ex:  # a variant that does not compile here: say so, time the others, exit 1 at the end
