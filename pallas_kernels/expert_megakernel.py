@@ -87,9 +87,11 @@ the ssq and all of x (a [64, D] float32 read per block instead of the G -> M1 ha
 Card run (one device call; a semaphore bug hangs, so wrap it in `timeout`):
 `PYTHONPATH=$PWD:$PWD/scripts timeout 300 python3 -m pallas_kernels.expert_megakernel` (`main`): correctness first
 (`CARD_VARIANTS` at L = 18 and L = 1 against the reference on the 50 real rows, x and the final h, gate 1e-2;
-second call bit-identical; finite; FAILED and exit 1 otherwise), then CUPTI device time of each at L = 18 and
-L = 1, a per-layer line ((L18 - L1) / 17), and today's `pallas` expert (`_today`: the product's expert_layer)
-timed the same way. `... expert_megakernel 64,3,4 64,4,2` times those ring variants instead, without the baseline.
+second call bit-identical; finite; FAILED and exit 1 otherwise; a time-stamped line as each variant's L = 18 and
+L = 1 executables finish compiling, so a slow compile and a hang read apart), then CUPTI device time of each at
+L = 18 and L = 1, a per-layer line ((L18 - L1) / 17), and today's `pallas` expert
+(scripts/megakernel_baseline.py: the product's expert_layer) timed the same way.
+`... expert_megakernel 64,3,4 64,4,2` times those ring variants instead, without the baseline.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ import dataclasses
 import functools
 import pathlib
 import sys
+import time
 import types
 
 import jax
@@ -1126,9 +1129,10 @@ def expert_stack_emulated(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTi
 
 
 def expert_stack_reference(x, wqkv, wo, wg, wu, wd, kp, vp, mods, final, length, tokens: int = TOKENS):
-    """Upstream's expert layers (pi05_jax.model.gemma / pi05_jax.fast.ops, the fast path's `expert_layer` order)
-    chained over L layers on the T real rows, x float32: -> (final-normed h bf16 [T, D], x float32 [T, D])."""
-    from pi05_jax.fast import ops
+    """Upstream's expert layers (pi05_jax.model.gemma: adaRMS, qkv + RoPE, masked attention over the valid prefix
+    keys and the own tokens, gated residuals, GeGLU feed-forward; the fast path's `expert_layer` order) chained over
+    L layers on the T real rows, x float32: -> (final-normed h bf16 [T, D], x float32 [T, D]). The fused columns of
+    wqkv are split back into openpi's q_einsum [N, D, H] / kv_einsum [2, 1, D, H]."""
     from pi05_jax.model import gemma
     from pi05_jax.model.weights import weight_einsum
 
@@ -1137,16 +1141,22 @@ def expert_stack_reference(x, wqkv, wo, wg, wu, wd, kp, vp, mods, final, length,
     x = x[None, :tokens]
     length = jnp.asarray(length, jnp.int32).reshape(1)
     positions = length[:, None] + jnp.arange(tokens, dtype=jnp.int32)[None, :]
+    s = kp.shape[1]
+    mask = jnp.concatenate([jnp.broadcast_to(jnp.arange(s)[None, None, :] < length[:, None, None], (1, tokens, s)),
+                            jnp.ones((1, tokens, tokens), bool)], axis=-1)
     m = [[mods[layer, k][None, None, :] for k in range(6)] for layer in range(layers)]
     h = gemma.ada_rms_norm(x, m[0][ATTN_SCALE], m[0][ATTN_SHIFT]).astype(jnp.bfloat16)
     for layer in range(layers):
-        attn = {"qkv_einsum_1": {"w": wqkv[layer].reshape(d, 1, heads + 2, HEAD)}}
-        qkv = ops.expert_qkv_fused(h, attn, positions)
-        o = ops.expert_attend_xla(qkv, kp[layer][None, :, None], vp[layer][None, :, None], length)
+        w = wqkv[layer].reshape(d, heads + 2, HEAD)
+        attn = {"q_einsum_1": {"w": jnp.transpose(w[:, :heads], (1, 0, 2))},
+                "kv_einsum_1": {"w": jnp.transpose(w[:, heads:], (1, 0, 2))[:, None]}}
+        q, k, v = gemma.qkv(h, attn, "_1", positions)
+        o = gemma.masked_attention(q, jnp.concatenate([kp[layer][None, :, None], k], 1),
+                                   jnp.concatenate([vp[layer][None, :, None], v], 1), mask)
         x = x + weight_einsum("BTNH,NHD->BTD", o, wo[layer].reshape(heads, HEAD, d)) * m[layer][ATTN_GATE]
         h2 = gemma.ada_rms_norm(x, m[layer][FFW_SCALE], m[layer][FFW_SHIFT]).astype(jnp.bfloat16)
         mlp = {"gating_einsum": jnp.stack([wg[layer], wu[layer]]), "linear": wd[layer]}
-        x = x + ops.expert_mlp_xla(h2, mlp) * m[layer][FFW_GATE]
+        x = x + gemma.feed_forward(h2, mlp) * m[layer][FFW_GATE]
         scale, shift = (m[layer + 1][ATTN_SCALE], m[layer + 1][ATTN_SHIFT]) if layer + 1 < layers else \
             (final[0][None, None], final[1][None, None])
         h = gemma.ada_rms_norm(x, scale, shift).astype(jnp.bfloat16)
@@ -1197,42 +1207,6 @@ LAYER_BYTES = (FULL_D * (FULL_HEADS + 2) * HEAD + FULL_HEADS * HEAD * FULL_D + 3
 CARD_VARIANTS = (MegaTiles(), MegaTiles(64, 6, 2))  # weight ring 32 KiB + A ring 32 KiB; 48 KiB + 16 KiB
 
 
-def _today(x, wqkv, wo, w_t, wd, kp, vp, mods, final, length):
-    """Today's `pallas` expert, the product's own code: pi05_jax.fast.denoise.expert_layer with the `pallas` Ops
-    (fused QKV GEMM + RoPE, the Pallas GQA cross-attention, XLA out-proj and residual, upstream's adaRMS norms, the
-    Pallas geglu_matmul on w_t [L, 2, F, D] + XLA down), chained over the layers on the 50 real rows in bf16 as the
-    model runs them (x bf16 between ops) -> (final-normed h bf16 [T, D], x float32 [T, D])."""
-    from pallas_kernels import gqa_cross_attention, ragged_prefill_attention
-    from pallas_kernels.skinny_matmul import SkinnyBlockSizes
-    from pi05_jax.fast import denoise, ops
-    from pi05_jax.model import gemma
-
-    layout = ops.Layout(gemma_qkv="fused", expert_qkv="fused", expert_gating="transposed", siglip_qkv="fused")
-    chosen = ops.ops_for("pallas", layout, ragged_prefill_attention.BlockSizes(), gqa_cross_attention.BlockSizes(),
-                         SkinnyBlockSizes())
-    layers, d, q_cols = wqkv.shape
-    heads = q_cols // HEAD - 2
-    lengths = jnp.asarray(length, jnp.int32).reshape(1)
-    positions = lengths[:, None] + jnp.arange(TOKENS, dtype=jnp.int32)[None, :]
-
-    def mod(layer, row):
-        return mods[layer, row].astype(jnp.bfloat16)[None, None, :]
-
-    xb = x[None, :TOKENS].astype(jnp.bfloat16)
-    h = gemma.ada_rms_norm(xb, mod(0, ATTN_SCALE), mod(0, ATTN_SHIFT))
-    for layer in range(layers):
-        p = {"attn": {"qkv_einsum_1": {"w": wqkv[layer].reshape(d, 1, heads + 2, HEAD)},
-                      "attn_vec_einsum_1": {"w": wo[layer].reshape(heads, HEAD, d)}},
-             "mlp_1": {"gating_einsum_t": w_t[layer], "linear": wd[layer]}}
-        nxt = ((mod(layer + 1, ATTN_SCALE), mod(layer + 1, ATTN_SHIFT)) if layer + 1 < layers else
-               (final[0].astype(jnp.bfloat16)[None, None, :], final[1].astype(jnp.bfloat16)[None, None, :]))
-        xb, h = denoise.expert_layer(
-            xb, h, p, kp[layer][None, :, None], vp[layer][None, :, None],
-            tuple(mod(layer, r) for r in (ATTN_SCALE, ATTN_SHIFT, ATTN_GATE)),
-            tuple(mod(layer, r) for r in (FFW_SCALE, FFW_SHIFT, FFW_GATE)), nxt, positions, lengths, chosen)
-    return h[0], xb[0].astype(jnp.float32)
-
-
 def _parse_variants(argv) -> tuple[tuple[MegaTiles, ...], bool]:
     """`python3 -m pallas_kernels.expert_megakernel [ROWS,SLOTS,ACT_SLOTS ...]`: those ring variants instead of
     CARD_VARIANTS, without today's chain (a sweep)."""
@@ -1248,6 +1222,13 @@ def main(argv=None) -> int:
     import numpy as np
 
     variants, with_today = _parse_variants(sys.argv[1:] if argv is None else argv)
+    start = time.monotonic()
+
+    def compiled(fn, args, what):  # AOT first (fn's cache keeps it), so a slow compile and a hang read apart
+        t = time.monotonic()
+        fn.lower(*args).compile()
+        print(f"  [{time.monotonic() - start:5.0f} s] {what} compiled in {time.monotonic() - t:.0f} s; calling it "
+              f"(a hang stops here)", flush=True)
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
     from device_time import device_us  # scripts/device_time.py: CUPTI device time
@@ -1279,8 +1260,10 @@ def main(argv=None) -> int:
         args1 = (x, w1, one[5], one[6], one[7], final, length)
         fn = jax.jit(functools.partial(expert_stack, tiles=tiles))
         try:
+            compiled(fn, args18, f"{tiles.label()}, L=18")
             h1, x1 = (np.asarray(a) for a in fn(*args18))
             h2, x2 = (np.asarray(a) for a in fn(*args18))
+            compiled(fn, args1, f"{tiles.label()}, L=1")
             hl1, xl1 = fn(*args1)
             errs = (rel_err(x1, ref_x, x), rel_err(h1, ref_h), rel_err(xl1, ref1_x, x), rel_err(hl1, ref1_h))
         except Exception as ex:  # a variant that does not compile here: say so, time the others, exit 1 at the end
@@ -1308,7 +1291,9 @@ def main(argv=None) -> int:
         print(f"  per layer (L=18 minus L=1, over 17): {(us - us1) / (FULL_LAYERS - 1):.2f} us", flush=True)
     if not with_today:
         return 1 if broken else 0
-    today = jax.jit(_today)
+    from megakernel_baseline import pallas_expert_chain  # scripts/: the product's expert
+
+    today = jax.jit(pallas_expert_chain)
     w_t = jnp.stack([jnp.swapaxes(wg, 1, 2), jnp.swapaxes(wu, 1, 2)], axis=1)  # [L, 2, F, D]: geglu_matmul's layout
     targs = (x, wqkv, wo, w_t, wd, kp, vp, mods, final, length)
     targs1 = (x, wqkv[:1], wo[:1], w_t[:1], wd[:1], kp[:1], vp[:1], mods[:1], final, length)

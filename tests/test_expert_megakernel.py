@@ -7,6 +7,8 @@ full size (L = 18, 128 blocks); bad operands are named; on a GPU, the kernel aga
 from __future__ import annotations
 
 import functools
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +17,19 @@ import pytest
 
 from pallas_kernels import expert_megakernel as em
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+import megakernel_baseline
+
+from tests import megakernel_schedule as schedule
+
 SMALL = em.MegaTiles(64, 2, 2, 16, 1)  # 16 QKV tiles x 1 split, 4 column slices x 4 K splits, F = 512
 SMALL_SIZE = (256, 2, 128, 512)  # D, heads, S, F
 FULL = em.MegaTiles()
 FULL_SIZE = (em.FULL_D, em.FULL_HEADS, em.FULL_S, em.FULL_F)
 LENGTH = {128: 100, 576: em.FULL_LENGTH}
+# every ring combination run or proposed on the card (main()'s argv sweeps), both tile sizes
+RING_VARIANTS = (*em.CARD_VARIANTS, *(em.MegaTiles(*v) for v in ((64, 4, 2), (64, 3, 4), (64, 2, 2), (64, 8, 2),
+                                                                  (64, 6, 4), (128, 2, 2), (128, 3, 2), (128, 2, 3))))
 
 
 @functools.cache
@@ -108,14 +118,14 @@ def test_emulated_schedule_matches_the_reference_at_full_size():
 
 
 def test_todays_baseline_is_the_pallas_expert():
-    """main()'s baseline (`_today`: the product's expert_layer with the pallas Ops, Pallas kernels in interpret
-    mode here) computes the same layers as upstream's functions: its final-normed h at the gate. Its residual is bf16,
-    as the model's, so what the layers add to x (RMS 8 here) is not compared: bf16 rounding of x itself is ~3e-2
-    of that sum, measured; the norm that follows scales it away."""
+    """main()'s baseline (scripts/megakernel_baseline.py: the product's expert_layer with the pallas Ops, Pallas
+    kernels in interpret mode here) computes the same layers as upstream's functions: its final-normed h at the
+    gate. Its residual is bf16, as the model's, so what the layers add to x (RMS 8 here) is not compared: bf16
+    rounding of x itself is ~3e-2 of that sum, measured; the norm that follows scales it away."""
     args, _, _ = _problem(2, SMALL_SIZE, SMALL)
     x, wqkv, wo, wg, wu, wd, kp, vp, mods, final, length = args
     w_t = jnp.stack([jnp.swapaxes(wg, 1, 2), jnp.swapaxes(wu, 1, 2)], axis=1)
-    h, _ = em._today(x, wqkv, wo, w_t, wd, kp, vp, mods, final, length)
+    h, _ = megakernel_baseline.pallas_expert_chain(x, wqkv, wo, w_t, wd, kp, vp, mods, final, length)
     ref_h, _ = em.expert_stack_reference(*args)
     assert em.rel_err(h, ref_h) < em.GATE
 
@@ -176,7 +186,8 @@ def test_each_blocks_stream_length_is_its_tiles():
         assert all(s + n == e for s, n, e in zip(starts, counts, [*starts[1:], 2 * per], strict=True))
 
 
-@pytest.mark.parametrize("tiles", em.CARD_VARIANTS, ids=lambda t: t.label().replace(" ", ""))
+@pytest.mark.parametrize("tiles", (*em.CARD_VARIANTS, em.MegaTiles(64, 4, 2)),
+                         ids=lambda t: t.label().replace(" ", ""))
 def test_the_persistent_kernel_lowers_for_hopper_at_full_size(tiles):
     layers = em.FULL_LAYERS
     g = em._geometry(em.FULL_D, em.FULL_HEADS, em.FULL_S, layers, tiles)
@@ -196,6 +207,50 @@ def test_the_persistent_kernel_lowers_for_hopper_at_full_size(tiles):
     assert "wgmma" in jaxpr
     assert em.rounds_per_call(layers) == 2 + 11 * layers - 1
     assert tiles.smem_bytes() <= em.SHARED_MEMORY_BYTES
+
+
+def _variant_id(t):
+    return f"R{t.tile_rows}-w{t.slots}-a{t.act_slots}-B{t.blocks}-SQ{t.qkv_splits}"
+
+
+@pytest.mark.parametrize("tiles", RING_VARIANTS, ids=_variant_id)
+def test_every_ring_wait_of_the_persistent_kernel_completes(tiles):
+    """The persistent body replayed per block (tests/megakernel_schedule.py) over three layers at full size: the
+    weight ring streamed across every phase and layer boundary, the A ring restarted per GEMM phase (D / R, Ko / R,
+    Kd / R, Kq / R tiles: odd and even multiples of act_slots), the small phases' loads on `bars`. Every wait has its
+    copy, never two copies in flight on one barrier, every wgmma reads the weight tile and A tile it should, no copy
+    lands under a running wgmma, nothing is left in flight, every block waits the same grid-barrier rounds. (The
+    interpret-mode phases restart the weight ring per launch and cannot see a cross-phase slip.)"""
+    problems, rounds, _ = schedule.check(tiles, layers=3)
+    assert not problems, {b: p[:2] for b, p in list(problems.items())[:3]}
+    assert rounds == {tuple(tiles.blocks * (k + 1) for k in range(em.rounds_per_call(3)))}
+
+
+@pytest.mark.parametrize("sizes", [dict(), dict(layers=1), dict(s=896), dict(s=64, layers=2), dict(tokens=37),
+                                   dict(d=256, heads=2, s=128, layers=2)],
+                         ids=["L18", "L1", "S896", "S64", "tokens37", "small"])
+def test_the_default_ring_schedule_holds_at_other_sizes(sizes):
+    """The default variant at the full 18 layers and at other static sizes main() or the fast path could pass (the
+    small size on the 16-block grid of SMALL); `length` enters only as host tables, so it cannot move a wait."""
+    tiles = SMALL if sizes.get("d") == 256 else FULL
+    problems, rounds, g = schedule.check(tiles, **sizes)
+    assert not problems, {b: p[:2] for b, p in list(problems.items())[:3]}
+    assert len(rounds) == 1 and len(next(iter(rounds))) == em.rounds_per_call(g.layers)
+
+
+def test_the_schedule_check_sees_a_broken_ring(monkeypatch):
+    """Not vacuous: an A ring that puts tile j in slot j % 2 whatever act_slots is (two copies in flight on one
+    barrier, wgmmas reading the wrong A tile), and a weight ring one tile short of its stream (a wait that never
+    completes), are both reported."""
+    fetch_a, fetch_w = em._fetch_a, em._fetch_w
+    monkeypatch.setattr(em, "_fetch_a", lambda c, src, col0, j, depth: fetch_a(c, src, col0, j, 2))
+    problems, _, _ = schedule.check(FULL, layers=1)
+    assert len(problems) == FULL.blocks
+    assert any("two in flight" in p for p in problems[0]) and any("reads A" in p for p in problems[0])
+    monkeypatch.setattr(em, "_fetch_a", fetch_a)
+    monkeypatch.setattr(em, "_fetch_w", lambda c, t, stop: fetch_w(c, t, stop - 1))
+    problems, _, _ = schedule.check(FULL, layers=1)
+    assert len(problems) == FULL.blocks and any("never completes" in p for p in problems[0])
 
 
 @pytest.mark.parametrize("kwargs, needle", [
