@@ -213,6 +213,8 @@ def _geometry(d: int, heads: int, s: int, layers: int, tiles: MegaTiles, tokens:
     if heads < 1 or s % KEY_TILE or s < KEY_TILE or layers < 1:
         raise ValueError(f"need heads >= 1, S a positive multiple of {KEY_TILE}, layers >= 1; got {heads=} {s=} "
                          f"{layers=}")
+    if b % heads:  # the combine phase runs on every block: a remainder would write the next head's columns
+        raise ValueError(f"combine: blocks must be a multiple of N; got {tiles.blocks=} {heads=}")
     if not 1 <= tokens <= ROWS:
         raise ValueError(f"tokens must be in [1, {ROWS}]; got {tokens=}")
     q_cols = (heads + 2) * HEAD
@@ -820,11 +822,25 @@ def rounds_per_call(layers: int) -> int:
     return 2 + 11 * layers - 1
 
 
+def check_resident(tiles: MegaTiles, device=None) -> None:
+    """Every block must be resident at once (the grid barriers wait for all of them): one block per SM, so the
+    grid may not exceed the card's SM count (an H100 PCIe has 114; a MIG slice or an MPS share has fewer, which
+    this cannot see: the kernel would hang there). Raises a ValueError naming both; a non-GPU device passes."""
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+        return
+    sms = getattr(device, "core_count", None)
+    if sms is not None and tiles.blocks > sms:
+        raise ValueError(f"the megakernel's grid of {tiles.blocks} blocks (one per 32 GeGLU columns) needs that many "
+                         f"SMs resident at once; {device.device_kind} has {sms}")
+
+
 def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = MegaTiles(), tokens: int = TOKENS):
     """The L-layer expert stack (module docstring) as one persistent kernel: x float32 [64, D], w_tiles from
     `pack_weights`, prefix K/V bf16 [L, S, 256], mods [L, 6, D], final [2, D], length int32 scalar -> (final-normed
     h bf16 [64, D], x float32 [64, D]). Global semaphores: the card only (`expert_stack_phases` on the CPU)."""
     g = _check(x, w_tiles, kp, vp, mods, final, length, tiles, tokens)
+    check_resident(tiles)
     ins = {"x": x, "w": w_tiles, "kp": kp, "vp": vp, "mods": mods.astype(jnp.float32),
            "norms": norm_table(mods, final), "cs": rope_table(length), "valid": key_valid(length, g.s, tokens)}
     rounds = rounds_per_call(g.layers)

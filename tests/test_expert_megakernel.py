@@ -305,3 +305,22 @@ def test_the_megakernel_matches_the_reference_on_the_card():
     h2, x2 = fn(x, wt, kp, vp, mods, final, length)
     np.testing.assert_array_equal(np.asarray(x2), np.asarray(xo))
     np.testing.assert_array_equal(np.asarray(h2.astype(jnp.float32)), np.asarray(h.astype(jnp.float32)))
+
+
+def test_a_grid_larger_than_the_card_is_refused():
+    """The grid barriers need every block resident: a card with fewer SMs than blocks would hang, so it is an
+    error naming both (here a stand-in device with 114 SMs, an H100 PCIe's count)."""
+
+    class Card:
+        platform, device_kind, core_count = "gpu", "H100 PCIe", 114
+
+    with pytest.raises(ValueError, match="128 blocks.*H100 PCIe has 114"):
+        em.check_resident(FULL, Card())
+    em.check_resident(em.MegaTiles(blocks=64, qkv_splits=1), Card())  # fits
+    em.check_resident(FULL)  # the CPU: nothing to check
+
+
+def test_combine_needs_blocks_a_multiple_of_the_heads():
+    with pytest.raises(ValueError, match="combine: blocks must be a multiple of N"):
+        em._geometry(256, 3, 128, 1, em.MegaTiles(64, 2, 2, 16, 1))
+
