@@ -101,6 +101,7 @@ def with_megakernel_constants(params) -> dict:
     layers = params["PaliGemma"]["llm"]["layers"]
     megakernel.check_expert(layers, reference.params_dtype(params))
     choice = megakernel.tiles_for(layers)
+    megakernel.check_resident(choice.tiles)  # at load, not at the first call
     constants = params[CONSTANTS_KEY]
     found = {"w_tiles": megakernel.megakernel_weights(layers, choice.tiles), "choice": choice,
              **_KERNEL_TABLES.get(constants["adarms"], lambda: megakernel.kernel_modulations(constants["adarms"]))}

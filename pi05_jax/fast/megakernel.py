@@ -37,6 +37,7 @@ from pi05_jax.fast.packing import is_array
 from pi05_jax.leaf_cache import LeafCache
 
 ROWS = mk.ROWS  # the kernel's rows: one row's action tokens, padded
+check_resident = mk.check_resident  # the grid must fit the card's SMs (the kernel's barriers wait for every block)
 
 
 def stacked_expert_weights(layers: tuple) -> tuple:
