@@ -165,6 +165,9 @@ def run(args) -> int:
     say(f"policy: adapter {policy.adapter.name}, norm stats {policy.norm_stats_path}, "
         f"tokenizer {policy.tokenizer.path}")
     runner = PolicyRunner(policy, max_batch=args.max_batch)
+    if model.kernels == "megakernel" and args.max_batch > 1:
+        say(f"note: megakernel runs a batch of B rows as B kernel launches per Euler step (each streams the expert's "
+            f"weights again); for --max-batch {args.max_batch}, --kernels pallas streams them once per batch")
     say(f"compiling and warming up ({running}; vision {args.vision}, {args.num_steps} steps, "
         f"batch sizes {list(runner.sizes)}, {devices_line(runner)})")
     warm = runner.warmup(all_buckets=args.warm == "all", progress=say)
