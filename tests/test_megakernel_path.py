@@ -25,6 +25,7 @@ from pi05_jax.fast import denoise as fast_denoise
 from pi05_jax.fast import megakernel
 from pi05_jax.fast import ops as fast_ops
 from pi05_jax.fast import path as fast_path
+from pi05_jax.model import layer_stack
 from pi05_jax.observation import observation_from_arrays
 from pi05_jax.synthetic import synthetic_arrays, synthetic_noise
 from tests.conftest import cosine, rel_err
@@ -160,6 +161,16 @@ def test_float32_checkpoint_is_refused_with_the_reason(model):
     params = jax.device_put(random_params(config, seed=4, dtype=np.float32))
     with pytest.raises(ValueError, match="bfloat16 weights.*float32"):
         implementations.MEGAKERNEL.prepare(params, STEPS)
+
+
+def test_the_tiny_models_expert_is_refused_with_its_sizes(tiny_fp32):
+    from pi05_jax.fast.packing import pack_weights
+
+    params = layer_stack.unstack_layers(jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16),
+                                                     tiny_fp32.params))
+    packed = pack_weights(params, transpose_expert_gating=True)
+    with pytest.raises(ValueError, match="head_dim 256.*head_dim 16"):
+        megakernel.check_expert(packed["PaliGemma"]["llm"]["layers"], ml_dtypes.bfloat16)
 
 
 def test_prefix_too_long_for_the_grid_names_it(model):

@@ -92,6 +92,13 @@ def check_expert(layers: tuple, dtype) -> None:
     if jnp.dtype(dtype) != jnp.bfloat16:
         raise ValueError(f"the megakernel runs bfloat16 weights (bf16 wgmma, float32 accumulation); this checkpoint "
                          f"is {jnp.dtype(dtype).name}: load it with --dtype bfloat16, or use --kernels pallas")
+    qkv = layers[0]["attn"].get("qkv_einsum_1", {}).get("w")
+    if qkv is not None and is_array(qkv):
+        d, kh, _, h = qkv.shape
+        if h != mk.HEAD or kh != 1 or d % mk.COLS:
+            raise ValueError(f"the megakernel's tiles take the action expert at head_dim {mk.HEAD}, one kv head and a "
+                             f"width that is a multiple of {mk.COLS} (pi0.5's: 256, 1, 1024); this checkpoint's expert "
+                             f"has head_dim {h}, {kh} kv head(s), width {d}: use --kernels pallas")
     for i, layer in enumerate(layers):
         named = {"attn/qkv_einsum_1/w": layer["attn"].get("qkv_einsum_1", {}).get("w"),
                  "attn/attn_vec_einsum_1/w": layer["attn"]["attn_vec_einsum_1"]["w"],
