@@ -115,6 +115,7 @@ COLS = 64  # C
 HALF = 32  # float32 columns in one 128-byte swizzled row; the reduce / norm column unit
 GATE_COLS = 32  # act columns per M1 block (its slab is gate | up)
 HEAD = 256  # H
+ROPE_TILES = HEAD // 2 // HALF  # fused_rope: a head slot's 64-column tiles, one per 32 RoPE frequencies
 TOKENS = 50  # T
 KEY_TILE = 64
 RMS_EPS = 1e-6
@@ -130,13 +131,15 @@ W = plgpu.Layout.WGMMA
 @dataclasses.dataclass(frozen=True)
 class MegaTiles:
     """One variant: tile_rows (R) K rows per weight copy, `slots` weight tiles in flight per block, act_slots the A
-    ring, `blocks` the grid (F / 32), qkv_splits (SQ) the QKV GEMM's K splits."""
+    ring, `blocks` the grid (F / 32), qkv_splits (SQ) the QKV GEMM's K splits, fused_rope: RoPE in the QKV phase's
+    epilogue (phase B and its barrier gone; needs SQ = 1; module docstring)."""
 
     tile_rows: int = 64
     slots: int = 4
     act_slots: int = 4
     blocks: int = 128
     qkv_splits: int = 2
+    fused_rope: bool = False
 
     def __post_init__(self):
         if self.tile_rows not in (64, 128):
@@ -145,6 +148,9 @@ class MegaTiles:
             raise ValueError(f"lag1 rings need >= 2 slots, got {self.slots=} {self.act_slots=}")
         if self.blocks < 1 or self.qkv_splits < 1:
             raise ValueError(f"blocks and qkv_splits must be >= 1, got {self.blocks=} {self.qkv_splits=}")
+        if self.fused_rope and self.qkv_splits != 1:
+            raise ValueError(f"fused_rope rotates each QKV block's whole-K sum in its epilogue, so it needs "
+                             f"qkv_splits 1 (no partial sums to reduce); got {self.qkv_splits=}")
         if self.smem_bytes() > SHARED_MEMORY_BYTES:
             raise ValueError(f"{self} needs {self.smem_bytes()} bytes of shared memory, more than "
                              f"{SHARED_MEMORY_BYTES}")
@@ -156,11 +162,13 @@ class MegaTiles:
         attention = 3 * ROWS * HEAD * 2 + ROWS * COLS * 4 + ROWS * KEY_TILE * 2 + 3 * ROWS * 4
         reduce_ = (max(1, self.blocks // (FULL_D // COLS)) + 2) * ROWS * HALF * 4
         gemm = ROWS * COLS * 4 + 1024
+        if self.fused_rope:  # cos / sin [2, M, 32] float32 + the bf16 halves [2, M, 32]
+            gemm = max(gemm, 2 * ROWS * HALF * 4 + 2 * ROWS * HALF * 2 + 1024)
         return life + max(attention, reduce_, gemm) + 1024
 
     def label(self) -> str:
         return (f"{self.tile_rows * COLS * 2 // 1024} KiB x {self.slots} slots, act ring {self.act_slots}, "
-                f"{self.blocks} blocks, SQ {self.qkv_splits}")
+                f"{self.blocks} blocks, SQ {self.qkv_splits}" + (", fused RoPE" if self.fused_rope else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +199,7 @@ class _Geo:
     tm1: int  # M1 tiles per layer
     tm2: int  # M2 tiles per layer
     tokens: int
+    fused: bool = False  # MegaTiles.fused_rope
 
     @property
     def per_o(self) -> int:
@@ -248,7 +257,7 @@ def _geometry(d: int, heads: int, s: int, layers: int, tiles: MegaTiles, tokens:
         raise ValueError(f"reduce / norm need D / {HALF} blocks; got {d=} {tiles.blocks=}")
     kq, ko, kd = d // sq, heads * HEAD // so, f // so
     return _Geo(d, heads, s, layers, b, r, sq, q_cols, q_tiles, q_tiles * sq, kq, kq // r, so, ko, ko // r, n_cols,
-                pairs, row_groups, kt, HEAD // chunks, units, f, kd, d // r, kd // r, tokens)
+                pairs, row_groups, kt, HEAD // chunks, units, f, kd, d // r, kd // r, tokens, tiles.fused_rope)
 
 
 # --- host-side per-call tables (exactly upstream's values) ----------------------------------------------------------
@@ -288,9 +297,23 @@ def _geglu(gate, up):
     return (gelu_tanh(g) * u).astype(jnp.bfloat16)
 
 
+def fused_columns(heads: int) -> jax.Array:
+    """fused_rope's Wqkv column order [(N + 2) H]: its 64-column tile 4 n + j (head slot n: the N q heads, k, v)
+    holds columns [n H + 32 j, +32) then [n H + H / 2 + 32 j, +32), the 32 pairs gemma.rope rotates together at
+    frequencies [32 j, +32)."""
+    return jnp.arange((heads + 2) * HEAD).reshape(heads + 2, 2, ROPE_TILES, HALF).transpose(0, 2, 1, 3).reshape(-1)
+
+
+def unfuse_columns(a, heads: int):
+    """The inverse of `fused_columns` on a's last axis."""
+    lead = a.shape[:-1]
+    return a.reshape(*lead, heads + 2, ROPE_TILES, 2, HALF).swapaxes(-3, -2).reshape(*lead, (heads + 2) * HEAD)
+
+
 def pack_weights(wqkv, wo, wg, wu, wd, tiles: MegaTiles = MegaTiles()) -> jax.Array:
     """wqkv [L, D, (N + 2) H], wo [L, N H, D], wg / wu [L, D, F], wd [L, F, D] bf16 -> w_tiles [B, L per_q R, 64]:
-    block b's tiles in stream order (module docstring)."""
+    block b's tiles in stream order (module docstring); with tiles.fused_rope, Wqkv's columns in `fused_columns`
+    order first."""
     if wqkv.ndim != 3 or wo.ndim != 3 or wo.shape[0] != wqkv.shape[0] or wo.shape[2] != wqkv.shape[1] or \
             wqkv.shape[2] != wo.shape[1] + 2 * HEAD:
         raise ValueError(f"need wqkv [L, D, (N + 2) {HEAD}] and wo [L, N {HEAD}, D]; got {wqkv.shape=} {wo.shape=}")
@@ -302,6 +325,8 @@ def pack_weights(wqkv, wo, wg, wu, wd, tiles: MegaTiles = MegaTiles()) -> jax.Ar
     for name, w in (("wqkv", wqkv), ("wo", wo), ("wg", wg), ("wu", wu), ("wd", wd)):
         if w.dtype != jnp.bfloat16:
             raise ValueError(f"{name} must be bfloat16; got {w.dtype=}")
+    if tiles.fused_rope:
+        wqkv = wqkv[:, :, fused_columns(g.heads)]
     q = wqkv.reshape(layers, g.sq, g.kq, g.q_tiles, COLS).transpose(1, 3, 0, 2, 4)
     q = q.reshape(g.nq, layers, g.kq, COLS)  # block b = s * q_tiles + n
     o = wo.reshape(layers, g.so, g.ko, g.n_cols, COLS).transpose(1, 3, 0, 2, 4).reshape(g.blocks, layers, g.ko, COLS)
@@ -504,6 +529,71 @@ def _phase_qkv(c, layer, stop):
                  lambda q: c.qkv_part.at[split, :, pl.ds(col * COLS + q * HALF, HALF)])
 
 
+def _rotate(lo, hi, cos_sin, slot, heads, store):
+    """Phase B's float32 RoPE of one column pair set (lo, hi already the bf16-rounded GEMM output in float32):
+    q slots (slot < N) and k (slot == N) rotated with cos_sin() and rounded to bf16, q then * 1/16 (exact) and
+    rounded again, v (slot > N) as is; store(0, lo bf16) and store(1, hi bf16) under the matching pl.when. Shared by phase B and
+    the fused QKV epilogue, so both do the same float32 operations in the same order."""
+    @pl.when(slot <= heads)  # q or k: RoPE
+    def _():
+        cos, sin = cos_sin()
+        rot_lo = (lo * cos - hi * sin).astype(jnp.bfloat16).astype(jnp.float32)
+        rot_hi = (hi * cos + lo * sin).astype(jnp.bfloat16).astype(jnp.float32)
+
+        @pl.when(slot < heads)
+        def _():
+            store(0, (rot_lo * (HEAD ** -0.5)).astype(jnp.bfloat16))
+            store(1, (rot_hi * (HEAD ** -0.5)).astype(jnp.bfloat16))
+
+        @pl.when(slot == heads)
+        def _():
+            store(0, rot_lo.astype(jnp.bfloat16))
+            store(1, rot_hi.astype(jnp.bfloat16))
+
+    @pl.when(slot > heads)  # v
+    def _():
+        store(0, lo.astype(jnp.bfloat16))
+        store(1, hi.astype(jnp.bfloat16))
+
+
+def _phase_qkv_rope(c, layer, stop):
+    """Phase A with fused_rope (phase B folded in): block b < Q / 64 computes column tile b of the `fused_columns`
+    Wqkv over the whole K (SQ = 1): head slot n = b // 4, frequencies [32 j, +32) with j = b % 4. Its float32 sum is
+    rounded to bf16 (where B rounds: upstream's GEMM output), q and k rotated with the cos / sin of those
+    frequencies (B's float32 math, `_rotate`), and the two 32-column halves stored to qkv at their original columns
+    n H + 32 j and n H + H / 2 + 32 j. The cos / sin copy is issued before the GEMM and waited after it."""
+    g = c.g
+    slot, j = lax.div(c.b, ROPE_TILES), lax.rem(c.b, ROPE_TILES)
+    lo_col = slot * HEAD + j * HALF
+
+    def scope(cs, out):
+        for k in range(2):
+            plgpu.copy_gmem_to_smem(c.cs.at[k, :, pl.ds(j * HALF, HALF)], cs.at[k], c.bars.at[k])
+
+        def gemm(acc):
+            _gemm_phase(c, acc, _offsets(c, layer).qkv, g.t1, c.h, 0, stop)
+            return acc[...]
+
+        y = pl.run_scoped(gemm, plgpu.ACC((ROWS, COLS), jnp.float32)).astype(jnp.bfloat16).astype(jnp.float32)
+        for k in range(2):
+            plgpu.barrier_wait(c.bars.at[k])
+
+        def store(k, v):
+            out.at[k][...] = v
+
+        _rotate(y[:, :HALF], y[:, HALF:], lambda: tuple(plgpu.load(cs.at[k], layout=W) for k in range(2)), slot,
+                g.heads, store)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out.at[0], c.qkv.at[:, pl.ds(lo_col, HALF)])
+        plgpu.copy_smem_to_gmem(out.at[1], c.qkv.at[:, pl.ds(lo_col + HEAD // 2, HALF)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=False)
+
+    @pl.when(_is_q(c))
+    def _():
+        pl.run_scoped(scope, plgpu.SMEM((2, ROWS, HALF), jnp.float32),
+                      plgpu.SMEM((2, ROWS, HALF), jnp.bfloat16, transforms=_transforms(HALF, jnp.bfloat16)))
+
+
 def _phase_outproj(c, layer, stop):
     g = c.g
     split, col = lax.div(c.b, g.n_cols), lax.rem(c.b, g.n_cols)
@@ -561,27 +651,10 @@ def _rope_block(c):
             sums.append(tot.astype(jnp.bfloat16).astype(jnp.float32))
         lo, hi = sums
 
-        @pl.when(hd <= g.heads)  # q or k: RoPE
-        def _():
-            cos, sin = cs.at[0][...], cs.at[1][...]
-            rot_lo = (lo * cos - hi * sin).astype(jnp.bfloat16).astype(jnp.float32)
-            rot_hi = (hi * cos + lo * sin).astype(jnp.bfloat16).astype(jnp.float32)
+        def store(k, v):
+            out.at[k][...] = v
 
-            @pl.when(hd < g.heads)
-            def _():
-                out.at[0][...] = (rot_lo * (HEAD ** -0.5)).astype(jnp.bfloat16)
-                out.at[1][...] = (rot_hi * (HEAD ** -0.5)).astype(jnp.bfloat16)
-
-            @pl.when(hd == g.heads)
-            def _():
-                out.at[0][...] = rot_lo.astype(jnp.bfloat16)
-                out.at[1][...] = rot_hi.astype(jnp.bfloat16)
-
-        @pl.when(hd > g.heads)  # v
-        def _():
-            out.at[0][...] = lo.astype(jnp.bfloat16)
-            out.at[1][...] = hi.astype(jnp.bfloat16)
-
+        _rotate(lo, hi, lambda: (cs.at[0][...], cs.at[1][...]), hd, g.heads, store)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out.at[0], c.qkv.at[rows, pl.ds(lo_col, COLS)])
         plgpu.copy_smem_to_gmem(out.at[1], c.qkv.at[rows, pl.ds(hi_col, COLS)])
@@ -791,7 +864,7 @@ def _norm_block(c, table, layer, scale_row, shift_row):
 def _buffer_types(g):
     f32, bf16 = jnp.float32, jnp.bfloat16
     return {"h": jax.ShapeDtypeStruct((ROWS, g.d), bf16),
-            "qkv_part": jax.ShapeDtypeStruct((g.sq, ROWS, g.q_cols), f32),
+            **({} if g.fused else {"qkv_part": jax.ShapeDtypeStruct((g.sq, ROWS, g.q_cols), f32)}),
             "qkv": jax.ShapeDtypeStruct((ROWS, g.q_cols), bf16),
             "o_part": jax.ShapeDtypeStruct((g.kt, g.heads, ROWS, HEAD), f32),
             "ml": jax.ShapeDtypeStruct((g.kt, g.heads, 2, ROWS), f32),
@@ -818,8 +891,13 @@ def _launch(body, g, tiles, ins: dict, outs: dict, *, interpret=False):
     return dict(zip(out_names, out, strict=True))
 
 
-def rounds_per_call(layers: int) -> int:
-    return 2 + 11 * layers - 1
+def barriers_per_layer(tiles: MegaTiles = MegaTiles()) -> int:
+    """Grid barriers per layer (the last layer's last one aside): 11, or 10 with fused_rope (no phase B)."""
+    return 10 if tiles.fused_rope else 11
+
+
+def rounds_per_call(layers: int, tiles: MegaTiles = MegaTiles()) -> int:
+    return 2 + barriers_per_layer(tiles) * layers - 1
 
 
 def check_resident(tiles: MegaTiles, device=None) -> None:
@@ -843,7 +921,8 @@ def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = Meg
     check_resident(tiles)
     ins = {"x": x, "w": w_tiles, "kp": kp, "vp": vp, "mods": mods.astype(jnp.float32),
            "norms": norm_table(mods, final), "cs": rope_table(length), "valid": key_valid(length, g.s, tokens)}
-    rounds = rounds_per_call(g.layers)
+    rounds = rounds_per_call(g.layers, tiles)
+    per = barriers_per_layer(tiles)
 
     def body(c):
         arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
@@ -857,32 +936,44 @@ def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = Meg
         _counted_barrier(arrive, g.blocks, 1)
 
         def layer(i, carry):
-            base = 2 + 11 * i
-            _phase_qkv(c, i, stop)
-            _counted_barrier(arrive, g.blocks, base)
-            _rope_block(c)
-            _counted_barrier(arrive, g.blocks, base + 1)
+            base = 2 + per * i
+            k = 0
+
+            def sync():  # round base + k of the layer's barriers
+                nonlocal k
+                _counted_barrier(arrive, g.blocks, base + k if k else base)
+                k += 1
+
+            if tiles.fused_rope:
+                _phase_qkv_rope(c, i, stop)  # A with B folded in: qkv written here, read by C
+                sync()
+            else:
+                _phase_qkv(c, i, stop)
+                sync()
+                _rope_block(c)
+                sync()
             _attention_block(c, i)
-            _counted_barrier(arrive, g.blocks, base + 2)
+            sync()
             _combine_block(c)
-            _counted_barrier(arrive, g.blocks, base + 3)
+            sync()
             _phase_outproj(c, i, stop)
-            _counted_barrier(arrive, g.blocks, base + 4)
+            sync()
             _reduce_block(c, i, ATTN_GATE)
-            _counted_barrier(arrive, g.blocks, base + 5)
+            sync()
             _norm_block(c, c.mods, i, FFW_SCALE, FFW_SHIFT)
-            _counted_barrier(arrive, g.blocks, base + 6)
+            sync()
             _phase_m1(c, i, stop)
-            _counted_barrier(arrive, g.blocks, base + 7)
+            sync()
             _phase_m2(c, i, stop)
-            _counted_barrier(arrive, g.blocks, base + 8)
+            sync()
             _reduce_block(c, i, FFW_GATE)
-            _counted_barrier(arrive, g.blocks, base + 9)
+            sync()
             _norm_block(c, c.norms, i + 1, 0, 1)  # the next layer's attention norm, or the final norm
+            assert k == per - 1, (k, per)
 
             @pl.when(i + 1 < g.layers)
             def _():
-                _counted_barrier(arrive, g.blocks, base + 10)
+                sync()
 
             return carry
 
@@ -940,6 +1031,21 @@ def phase_qkv(h, w_tiles, g, tiles, *, layer, interpret=False):
     return _gemm_launch(_phase_qkv, "h", h, "qkv_part", w_tiles, g, tiles, layer, lambda o: o.qkv, g.t1, interpret)
 
 
+def phase_qkv_rope(h, w_tiles, length, g, tiles, *, layer, interpret=False):
+    """A with fused_rope (B folded into its epilogue): h, w_tiles packed with tiles.fused_rope -> qkv bf16."""
+    if not tiles.fused_rope:
+        raise ValueError(f"phase_qkv_rope needs tiles packed and run with fused_rope; got {tiles.fused_rope=}")
+
+    def body(c):
+        t0 = _offsets(c, layer).qkv
+        stop = t0 + g.t1
+        pl.when(_is_q(c))(lambda: _fill_ring(c, t0, stop))
+        _phase_qkv_rope(c, layer, stop)
+
+    return _launch(body, g, tiles, {"h": h, "w": w_tiles, "cs": rope_table(length)}, {"qkv": _buffer_types(g)["qkv"]},
+                   interpret=interpret)["qkv"]
+
+
 def phase_outproj(o, w_tiles, g, tiles, *, layer, interpret=False):
     return _gemm_launch(_phase_outproj, "o", o, "part", w_tiles, g, tiles, layer, lambda o: o.wo, g.t2, interpret)
 
@@ -985,13 +1091,17 @@ def phase_reduce(x, part, mods, g, tiles, *, layer, gate_row, interpret=False):
 
 def expert_stack_phases(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = MegaTiles(),
                         tokens: int = TOKENS, *, interpret=True):
-    """`expert_stack` as one launch per phase (the persistent kernel's block programs, no semaphores)."""
+    """`expert_stack` as one launch per phase (the persistent kernel's block programs, no semaphores); with
+    tiles.fused_rope, A and B are one launch (`phase_qkv_rope`)."""
     g = _check(x, w_tiles, kp, vp, mods, final, length, tiles, tokens)
     norms = norm_table(mods, final)
     kw = dict(interpret=interpret)
     h = phase_norm(x, phase_ssq(x, g, tiles, **kw), norms, g, tiles, layer=0, **kw)
     for layer in range(g.layers):
-        qkv = phase_rope(phase_qkv(h, w_tiles, g, tiles, layer=layer, **kw), length, g, tiles, **kw)
+        if tiles.fused_rope:
+            qkv = phase_qkv_rope(h, w_tiles, length, g, tiles, layer=layer, **kw)
+        else:
+            qkv = phase_rope(phase_qkv(h, w_tiles, g, tiles, layer=layer, **kw), length, g, tiles, **kw)
         o_part, ml = phase_attention(qkv, kp, vp, length, g, tiles, layer=layer, **kw)
         o = phase_combine(o_part, ml, g, tiles, **kw)
         x, ssq = phase_reduce(x, phase_outproj(o, w_tiles, g, tiles, layer=layer, **kw), mods, g, tiles,
@@ -1045,9 +1155,16 @@ def norm_emulated(x, ssq, table, g, *, layer, rows=(0, 1)):
 
 
 def qkv_emulated(h, w_tiles, g, *, layer):
+    """A: the SQ float32 partials [SQ, M, Q] (with fused_rope: SQ = 1, columns in `fused_columns` order)."""
     a = h.astype(jnp.float32).reshape(ROWS, g.sq, g.kq).transpose(1, 0, 2)
     acc = _tiled_gemm(jnp.repeat(a, g.q_tiles, axis=0), _slabs(w_tiles, g).qkv[:, layer], g, g.t1)
     return acc.reshape(g.sq, g.q_tiles, ROWS, COLS).transpose(0, 2, 1, 3).reshape(g.sq, ROWS, g.q_cols)
+
+
+def qkv_rope_emulated(h, w_tiles, length, g, *, layer):
+    """A with fused_rope: each block's whole-K float32 sum of its permuted tile, put back at the original columns
+    (a permutation: no arithmetic), then B's roundings and rotation (`rope_emulated`, one split: no sum)."""
+    return rope_emulated(unfuse_columns(qkv_emulated(h, w_tiles, g, layer=layer), g.heads), length, g)
 
 
 def rope_emulated(qkv_part, length, g):
@@ -1129,7 +1246,10 @@ def expert_stack_emulated(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTi
     norms = norm_table(mods, final)
     h = norm_emulated(x, ssq_emulated(x, g), norms, g, layer=0)
     for layer in range(g.layers):
-        qkv = rope_emulated(qkv_emulated(h, w_tiles, g, layer=layer), length, g)
+        if g.fused:
+            qkv = qkv_rope_emulated(h, w_tiles, length, g, layer=layer)
+        else:
+            qkv = rope_emulated(qkv_emulated(h, w_tiles, g, layer=layer), length, g)
         o = combine_emulated(*attention_emulated(qkv, kp, vp, length, g, layer=layer), g)
         x, ssq = reduce_emulated(x, outproj_emulated(o, w_tiles, g, layer=layer), mods, g, layer=layer,
                                  gate_row=ATTN_GATE)
