@@ -532,8 +532,8 @@ def _phase_qkv(c, layer, stop):
 def _rotate(lo, hi, cos_sin, slot, heads, store):
     """Phase B's float32 RoPE of one column pair set (lo, hi already the bf16-rounded GEMM output in float32):
     q slots (slot < N) and k (slot == N) rotated with cos_sin() and rounded to bf16, q then * 1/16 (exact) and
-    rounded again, v (slot > N) as is; store(0, lo bf16) and store(1, hi bf16) under the matching pl.when. Shared by phase B and
-    the fused QKV epilogue, so both do the same float32 operations in the same order."""
+    rounded again, v (slot > N) as is; store(0, lo bf16) and store(1, hi bf16) under the matching pl.when. Shared
+    by phase B and the fused QKV epilogue, so both do the same float32 operations in the same order."""
     @pl.when(slot <= heads)  # q or k: RoPE
     def _():
         cos, sin = cos_sin()
@@ -1340,18 +1340,28 @@ def random_problem(key, layers: int, d: int, heads: int, s: int, f: int):
 
 
 LAYER_BYTES = (FULL_D * (FULL_HEADS + 2) * HEAD + FULL_HEADS * HEAD * FULL_D + 3 * FULL_D * FULL_F) * 2
-CARD_VARIANTS = (MegaTiles(), MegaTiles(64, 6, 2))  # weight ring 32 KiB + A ring 32 KiB; 48 KiB + 16 KiB
+# weight ring 32 KiB + A ring 32 KiB; 48 KiB + 16 KiB; the default's rings with RoPE fused into the QKV phase
+CARD_VARIANTS = (MegaTiles(), MegaTiles(64, 6, 2), MegaTiles(64, 4, 4, 128, 1, True))
+
+
+def _parse_variant(arg: str) -> MegaTiles:
+    """TILE_ROWS,SLOTS,ACT_SLOTS[,BLOCKS[,QKV_SPLITS[,FUSED_ROPE]]]: MegaTiles' fields in order, FUSED_ROPE 0 or 1."""
+    vals = [int(v) for v in arg.split(",")]
+    if len(vals) > 6 or (len(vals) == 6 and vals[5] not in (0, 1)):
+        raise ValueError(f"at most 6 fields, the last (fused_rope) 0 or 1; got {arg=}")
+    return MegaTiles(*vals[:5], *(bool(v) for v in vals[5:]))
 
 
 def _parse_variants(argv) -> tuple[tuple[MegaTiles, ...], bool]:
-    """`python3 -m pallas_kernels.expert_megakernel [ROWS,SLOTS,ACT_SLOTS ...]`: those ring variants instead of
+    """`python3 -m pallas_kernels.expert_megakernel [VARIANT ...]` (`_parse_variant`): those variants instead of
     CARD_VARIANTS, without today's chain (a sweep)."""
     if not argv:
         return CARD_VARIANTS, True
     try:
-        return tuple(MegaTiles(*(int(v) for v in a.split(","))) for a in argv), False
+        return tuple(_parse_variant(a) for a in argv), False
     except (TypeError, ValueError) as ex:
-        sys.exit(f"expert_megakernel: variants are TILE_ROWS,SLOTS,ACT_SLOTS (e.g. 64,4,4); {ex}")
+        sys.exit(f"expert_megakernel: variants are TILE_ROWS,SLOTS,ACT_SLOTS[,BLOCKS[,QKV_SPLITS[,FUSED_ROPE]]] "
+                 f"(e.g. 64,4,4 or 64,4,4,128,1,1); {ex}")
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,11 @@ layers, the weight ring never restarted). `check` then plays the events against 
   t-th wgmma of the call (its rows t R of the block's stream), the A tile of the phase the geometry says (h / o / act
   columns, from the split), and no copy lands in a slot that a wgmma not yet retired (`wgmma_wait`) reads;
 - each block consumes exactly its stream (L per_q or L per_o tiles), leaves no copy un-waited at the end, and every
-  block waits the same grid-barrier rounds.
+  block waits the same grid-barrier rounds;
+- with fused_rope, each QKV block b (head slot n = b // 4, j = b % 4) loads per layer the cos / sin of frequencies
+  [32 j, +32) and stores its two halves to qkv columns [n H + 32 j, +32) and [n H + H / 2 + 32 j, +32) (the columns
+  `pack_weights` puts in its Wqkv tile: tests/test_expert_megakernel.py checks that side), and no other block
+  writes qkv.
 
 The interpret-mode phases (`expert_stack_phases`) restart the weight ring at every launch, so they cannot see a
 parity or slot error that needs the stream to cross a phase or layer boundary; this does.
@@ -174,6 +178,10 @@ def _mocks(rec: _Recorder):
             rec.events.append(("wgmma", a if isinstance(a, tuple) else None, b if isinstance(b, tuple) else None))
 
         @staticmethod
+        def copy_smem_to_gmem(src, dst, *a, **k):
+            rec.events.append(("store", dst.name, dst.idx))
+
+        @staticmethod
         def wgmma_wait(n):
             rec.events.append(("wgmma_wait", n))
 
@@ -296,11 +304,31 @@ def check_block(events, g, b):
             running = running[len(running) - ev[1]:] if ev[1] else []
         if len(problems) >= 5:
             break
+    if g.fused:
+        problems += _fused_rope_problems(events, g, b)[:5 - len(problems)]
     if n_wgmma != len(want) and len(problems) < 5:
         problems.append(f"{n_wgmma} weight wgmmas, the stream has {len(want)} tiles")
     left = {k: issued[k] - waited[k] for k in issued if issued[k] != waited[k]}
     if left and len(problems) < 5:
         problems.append(f"copies never waited at the end: {left}")
+    return problems
+
+
+def _fused_rope_problems(events, g, b):
+    """fused_rope: block b's qkv stores and cos / sin loads over the call against the module docstring's columns."""
+    slot, j = divmod(b, em.HEAD // 2 // em.HALF)  # not em.ROPE_TILES: the docstring's columns, whatever the kernel uses
+    lo = slot * em.HEAD + j * em.HALF
+    per_layer = [(slice(None), ("ds", lo, em.HALF)), (slice(None), ("ds", lo + em.HEAD // 2, em.HALF))]
+    want_stores = per_layer * g.layers if b < g.nq else []
+    stores = [ev[2] for ev in events if ev[0] == "store" and ev[1] == "qkv"]
+    cs = [ev[3][1] for ev in events if ev[0] == "copy" and ev[3][0] == "cs"]
+    want_cs = [(k, slice(None), ("ds", j * em.HALF, em.HALF)) for k in range(2)] * g.layers if b < g.nq else []
+    problems = []
+    if stores != want_stores:
+        problems.append(f"fused_rope: qkv stores {stores[:2]} (of {len(stores)}), want {want_stores[:2]} (of "
+                        f"{len(want_stores)})")
+    if cs != want_cs:
+        problems.append(f"fused_rope: cos / sin loads {cs[:2]} (of {len(cs)}), want {want_cs[:2]} (of {len(want_cs)})")
     return problems
 
 

@@ -6,6 +6,7 @@ full size (L = 18, 128 blocks); bad operands are named; on a GPU, the kernel aga
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 import sys
@@ -24,7 +25,9 @@ from tests import megakernel_schedule as schedule
 
 SMALL = em.MegaTiles(64, 2, 2, 16, 1)  # 16 QKV tiles x 1 split, 4 column slices x 4 K splits, F = 512
 SMALL_SIZE = (256, 2, 128, 512)  # D, heads, S, F
+SMALL_FUSED = em.MegaTiles(64, 2, 2, 16, 1, True)  # SMALL with RoPE in the QKV epilogue
 FULL = em.MegaTiles()
+FUSED = em.MegaTiles(64, 4, 4, 128, 1, True)  # CARD_VARIANTS' fused one
 FULL_SIZE = (em.FULL_D, em.FULL_HEADS, em.FULL_S, em.FULL_F)
 LENGTH = {128: 100, 576: em.FULL_LENGTH}
 # every ring combination run or proposed on the card (main()'s argv sweeps), both tile sizes
@@ -86,14 +89,16 @@ def test_mlp_phases_match_their_emulation_at_full_width():
     _mlp_phases(FULL_SIZE, FULL, 1)
 
 
-def test_chained_phases_match_the_emulation_and_the_reference():
-    """Eleven launches per layer, two layers, small: against the emulation (the same program; measured identical
-    here; chained, an ulp flip of a bf16 rounding would spread, as in the attention probe's test: 2.3e-3 at x of unit
-    RMS) and upstream's layers on the 50 real rows (measured 5.0e-3 on x, 1.4e-3 on h)."""
-    args, wt, _ = _problem(2, SMALL_SIZE, SMALL)
+@pytest.mark.parametrize("tiles, layers", ((SMALL, 2), (SMALL_FUSED, 1)), ids=("A-B", "fused_rope"))
+def test_chained_phases_match_the_emulation_and_the_reference(tiles, layers):
+    """Eleven launches per layer (ten with fused_rope, one layer: the test time; its stream past layer 0 is the
+    fused QKV test's and the schedule replay's), small: against the emulation (the same program; measured identical
+    here; chained, an ulp flip of a bf16 rounding would spread, as in the attention probe's test: 2.3e-3 at x of
+    unit RMS) and upstream's layers on the 50 real rows (measured 5.0e-3 on x, 1.4e-3 on h at two layers)."""
+    args, wt, _ = _problem(layers, SMALL_SIZE, tiles)
     x, *_, kp, vp, mods, final, length = args
-    got_h, got_x = em.expert_stack_phases(x, wt, kp, vp, mods, final, length, SMALL, interpret=True)
-    emu_h, emu_x = em.expert_stack_emulated(x, wt, kp, vp, mods, final, length, SMALL)
+    got_h, got_x = em.expert_stack_phases(x, wt, kp, vp, mods, final, length, tiles, interpret=True)
+    emu_h, emu_x = em.expert_stack_emulated(x, wt, kp, vp, mods, final, length, tiles)
     assert em.rel_err(got_x, emu_x, x) < 5e-3
     assert em.rel_err(got_h, emu_h) < 5e-3
     ref_h, ref_x = em.expert_stack_reference(*args)
@@ -103,18 +108,44 @@ def test_chained_phases_match_the_emulation_and_the_reference():
     assert np.isfinite(np.asarray(got_x)).all()
 
 
-def test_emulated_schedule_matches_the_reference_at_full_size():
+@pytest.mark.parametrize("tiles", (FULL, FUSED), ids=("A-B", "fused_rope"))
+def test_emulated_schedule_matches_the_reference_at_full_size(tiles):
     """Full size, 2 layers, at the probes' (and main()'s) gate. Measured (CPU) 7.0e-3 on x, 3.0e-3 on h: bf16
     roundings at other points, mostly the attention's (flash's unnormalized bf16 p; the attention probe measured
     5.9e-3 for its block alone); the MLP alone (M1 + M2 on one h2) is 3.5e-3 off a float32 oracle against 4.2e-3
-    for upstream's XLA MLP. (At x of unit RMS: 8.1e-3, see random_problem.)"""
-    args, wt, _ = _problem(2, FULL_SIZE, FULL)
+    for upstream's XLA MLP. (At x of unit RMS: 8.1e-3, see random_problem.) fused_rope: SQ = 1 and permuted Wqkv
+    tiles, the same rounding points."""
+    args, wt, _ = _problem(2, FULL_SIZE, tiles)
     x, *_, kp, vp, mods, final, length = args
-    emu_h, emu_x = jax.jit(functools.partial(em.expert_stack_emulated, tiles=FULL))(x, wt, kp, vp, mods, final,
-                                                                                   length)
+    emu_h, emu_x = jax.jit(functools.partial(em.expert_stack_emulated, tiles=tiles))(x, wt, kp, vp, mods, final,
+                                                                                    length)
     ref_h, ref_x = jax.jit(em.expert_stack_reference)(*args)
     assert em.rel_err(emu_x, ref_x, x) < em.GATE
     assert em.rel_err(emu_h, ref_h) < em.GATE
+
+
+@pytest.mark.parametrize("size, unfused", ((SMALL_SIZE, SMALL), (FULL_SIZE, em.MegaTiles(64, 4, 4, 128, 1))),
+                         ids=("small", "full"))
+def test_the_fused_qkv_phase_is_phase_a_then_b_bit_for_bit(size, unfused):
+    """fused_rope's QKV launch (permuted Wqkv tiles, RoPE in the epilogue) on the second layer's weights against
+    phase A at SQ = 1 (unfused tiles) then phase B on the same h: every bf16 of qkv identical (the same whole-K
+    float32 sums per column, the same bf16 roundings, the same float32 rotation); and not vacuously so: the
+    rotation and the 1/16 moved q and k, v is h @ Wv."""
+    fused = dataclasses.replace(unfused, fused_rope=True)
+    (x, wqkv, *_, mods, final, length), wt_a, g_a = _problem(2, size, unfused)
+    _, wt_f, g_f = _problem(2, size, fused)
+    h = em.norm_emulated(x, em.ssq_emulated(x, g_a), em.norm_table(mods, final), g_a, layer=0)
+    want = em.phase_rope(em.phase_qkv(h, wt_a, g_a, unfused, layer=1, interpret=True), length, g_a, unfused,
+                         interpret=True)
+    got = em.phase_qkv_rope(h, wt_f, length, g_f, fused, layer=1, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+    plain = np.asarray((h.astype(jnp.float32) @ wqkv[1].astype(jnp.float32)).astype(jnp.bfloat16), np.float32)
+    got = np.asarray(got, np.float32)
+    v = slice((g_f.heads + 1) * em.HEAD, None)
+    _close(got[:, v], plain[:, v], 1e-2)
+    assert np.abs(got[:, :v.start] - plain[:, :v.start]).max() > 0.1
+    emu = em.qkv_rope_emulated(h, wt_f, length, g_f, layer=1)  # einsum sums in another order: ulp flips
+    assert np.mean(np.asarray(emu, np.float32) == got) > 0.999
 
 
 def test_todays_baseline_is_the_pallas_expert():
@@ -164,6 +195,23 @@ def test_pack_weights_puts_each_blocks_slabs_in_order():
     assert not np.asarray(wt[b, g.layers * g.per_o * g.r:]).any()
 
 
+def test_pack_weights_permutes_wqkv_into_rope_pairs_with_fused_rope():
+    """Block b's Wqkv slab (SQ = 1: all of K): head slot n = b // 4 (q heads, k, v), its tile j = b % 4 holds
+    columns [n 256 + 32 j, +32) then [n 256 + 128 + 32 j, +32); the rest of the stream as without the option."""
+    (_, wqkv, wo, *_), wt, g = _problem(2, FULL_SIZE, FUSED)
+    layer = 1
+    for b in (0, 5, 35, 37, 39):  # q head 0 tile 0, q head 1 tile 1, k tile 3, v tiles 1 and 3
+        n, j = divmod(b, 4)
+        cols = [*range(n * 256 + 32 * j, n * 256 + 32 * j + 32), *range(n * 256 + 128 + 32 * j, n * 256 + 160 + 32 * j)]
+        per = wt[b].reshape(g.layers, g.per_q * g.r, em.COLS)[layer]
+        np.testing.assert_array_equal(per[:g.kq], wqkv[layer][:, np.array(cols)])
+        np.testing.assert_array_equal(per[g.kq:g.kq + g.ko], wo[layer, 256 * (b // 16):256 * (b // 16 + 1),
+                                                                64 * (b % 16):64 * (b % 16 + 1)])
+    assert g.nq == 40 and g.kq == em.FULL_D
+    np.testing.assert_array_equal(np.asarray(em.unfuse_columns(wqkv[:, :, em.fused_columns(g.heads)], g.heads)),
+                                  np.asarray(wqkv))
+
+
 def test_each_blocks_stream_length_is_its_tiles():
     """The ring's bound (`_stop`): QKV blocks stream L per_q tiles, the others L per_o; pack_weights gives exactly
     those rows non-zero, padding aside, so no refill reads past a block's own stream, and the per-layer offsets of
@@ -186,7 +234,7 @@ def test_each_blocks_stream_length_is_its_tiles():
         assert all(s + n == e for s, n, e in zip(starts, counts, [*starts[1:], 2 * per], strict=True))
 
 
-@pytest.mark.parametrize("tiles", (*em.CARD_VARIANTS, em.MegaTiles(64, 4, 2)),
+@pytest.mark.parametrize("tiles", (*em.CARD_VARIANTS, em.MegaTiles(64, 4, 2)),  # CARD_VARIANTS: with FUSED
                          ids=lambda t: t.label().replace(" ", ""))
 def test_the_persistent_kernel_lowers_for_hopper_at_full_size(tiles):
     layers = em.FULL_LAYERS
@@ -202,15 +250,17 @@ def test_the_persistent_kernel_lowers_for_hopper_at_full_size(tiles):
     jaxpr = str(jax.make_jaxpr(fn)(x, w, kp, kp, mods, final, length))
     lowered = fn.trace(x, w, kp, kp, mods, final, length).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
-    # barrier sites: 2 in the prologue, 11 in the layer body (10 + 1 under `layer + 1 < L`); plus done and wind-back
-    assert (jaxpr.count("semaphore_signal"), jaxpr.count("semaphore_wait")) == (15, 14)
+    # barrier sites: 2 in the prologue, 11 in the layer body (10 + 1 under `layer + 1 < L`; 10 with fused_rope);
+    # plus done and wind-back
+    per = 10 if tiles.fused_rope else 11
+    assert (jaxpr.count("semaphore_signal"), jaxpr.count("semaphore_wait")) == (4 + per, 3 + per)
     assert "wgmma" in jaxpr
-    assert em.rounds_per_call(layers) == 2 + 11 * layers - 1
+    assert em.rounds_per_call(layers, tiles) == 2 + per * layers - 1
     assert tiles.smem_bytes() <= em.SHARED_MEMORY_BYTES
 
 
 def _variant_id(t):
-    return f"R{t.tile_rows}-w{t.slots}-a{t.act_slots}-B{t.blocks}-SQ{t.qkv_splits}"
+    return f"R{t.tile_rows}-w{t.slots}-a{t.act_slots}-B{t.blocks}-SQ{t.qkv_splits}" + "-rope" * t.fused_rope
 
 
 @pytest.mark.parametrize("tiles", RING_VARIANTS, ids=_variant_id)
@@ -223,19 +273,24 @@ def test_every_ring_wait_of_the_persistent_kernel_completes(tiles):
     interpret-mode phases restart the weight ring per launch and cannot see a cross-phase slip.)"""
     problems, rounds, _ = schedule.check(tiles, layers=3)
     assert not problems, {b: p[:2] for b, p in list(problems.items())[:3]}
-    assert rounds == {tuple(tiles.blocks * (k + 1) for k in range(em.rounds_per_call(3)))}
+    assert rounds == {tuple(tiles.blocks * (k + 1) for k in range(em.rounds_per_call(3, tiles)))}
 
 
-@pytest.mark.parametrize("sizes", [dict(), dict(layers=1), dict(s=896), dict(s=64, layers=2), dict(tokens=37),
-                                   dict(d=256, heads=2, s=128, layers=2)],
-                         ids=["L18", "L1", "S896", "S64", "tokens37", "small"])
-def test_the_default_ring_schedule_holds_at_other_sizes(sizes):
+_SMALL_GRID = dict(d=256, heads=2, s=128, layers=2)
+
+
+@pytest.mark.parametrize("sizes, fused", [(dict(), False), (dict(layers=1), False), (dict(s=896), False),
+                                          (dict(s=64, layers=2), False), (dict(tokens=37), False),
+                                          (_SMALL_GRID, False), (dict(layers=1), True), (_SMALL_GRID, True)],
+                         ids=["L18", "L1", "S896", "S64", "tokens37", "small", "fused_rope-L1", "fused_rope-small"])
+def test_the_default_ring_schedule_holds_at_other_sizes(sizes, fused):
     """The default variant at the full 18 layers and at other static sizes main() or the fast path could pass (the
-    small size on the 16-block grid of SMALL); `length` enters only as host tables, so it cannot move a wait."""
-    tiles = SMALL if sizes.get("d") == 256 else FULL
+    small size on the 16-block grid of SMALL), and FUSED at two of them (at L = 3 in the test above); `length`
+    enters only as host tables, so it cannot move a wait."""
+    tiles = (SMALL_FUSED if fused else SMALL) if sizes.get("d") == 256 else (FUSED if fused else FULL)
     problems, rounds, g = schedule.check(tiles, **sizes)
     assert not problems, {b: p[:2] for b, p in list(problems.items())[:3]}
-    assert len(rounds) == 1 and len(next(iter(rounds))) == em.rounds_per_call(g.layers)
+    assert len(rounds) == 1 and len(next(iter(rounds))) == em.rounds_per_call(g.layers, tiles)
 
 
 def test_the_schedule_check_sees_a_broken_ring(monkeypatch):
@@ -253,9 +308,19 @@ def test_the_schedule_check_sees_a_broken_ring(monkeypatch):
     assert len(problems) == FULL.blocks and any("never completes" in p for p in problems[0])
 
 
+def test_the_schedule_check_sees_a_misplaced_fused_rope_store(monkeypatch):
+    """Not vacuous either: a fused epilogue that maps block b to (slot, j) by 8 tiles a head instead of 4 stores
+    to the wrong qkv columns and loads the wrong frequencies (blocks 0-3 map the same either way)."""
+    monkeypatch.setattr(em, "ROPE_TILES", 8)
+    problems, _, _ = schedule.check(FUSED, layers=1)
+    assert {4, 39} <= set(problems) <= set(range(4, 40))
+    assert any("qkv stores" in p for p in problems[4]) and any("cos / sin" in p for p in problems[4])
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(tile_rows=96), "tile_rows"), (dict(slots=1), "slots"), (dict(act_slots=1), "slots"),
     (dict(blocks=0), "blocks"), (dict(tile_rows=128, slots=8, act_slots=8), "shared memory"),
+    (dict(fused_rope=True), "fused_rope.*qkv_splits=2"), (dict(qkv_splits=4, fused_rope=True), "qkv_splits=4"),
 ])
 def test_bad_variants_are_named(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
