@@ -24,10 +24,24 @@ on the T real rows; x float32 throughout):
 8. h = bf16(ada_rms_norm(x, attn mods of layer l + 1)), after the last layer the final norm (final scale, shift).
 Returns (the final-normed h bf16 [M, D], x float32 [M, D]).
 
-Work split per layer (B = 128 at full size), a grid barrier after every phase but the last:
+Work split per layer (B = 128 at full size), a grid barrier after every phase but the last (11 per layer, 10
+with fused_rope):
 - A qkv (split-K): block b < Q / 64 SQ: column tile b % (Q / 64), split b // (Q / 64); float32 partial to qkv_part.
 - B reduce + RoPE: block b < 2 (N + 2) x row groups: one head half-pair's columns (i, i + 128), 64 / groups rows;
   sums the SQ partials in order, bf16, rotates q and k (host cos/sin table of gemma.rope's radians), q * 1/16.
+- with MegaTiles.fused_rope (default off), A and B are one phase, A': SQ = 1, and `pack_weights` orders Wqkv's
+  columns (`fused_columns`) so that block b's 64-column tile holds, of head slot n = b // 4 (q heads, k, v) and
+  j = b % 4, columns [n H + 32 j, +32) then [n H + H / 2 + 32 j, +32): the 32 pairs gemma.rope rotates together
+  (first half / second half of the head) at frequencies [32 j, +32). Its epilogue (`_phase_qkv_rope`) rounds the
+  whole-K float32 sum to bf16, rotates q and k with those frequencies' cos / sin (loaded during the GEMM), q * 1/16,
+  bf16 (B's float32 operations, shared: `_rotate`), and stores the two halves at their original columns, so C
+  onward read qkv unchanged. v is permuted too though it is not rotated: every tile's epilogue and store are then
+  the same program (a branch on the slot only picks the rounding), and v's tiles cost the same either way. In
+  interpret mode A' gives qkv bit-identical to A at SQ = 1 then B (tests/test_expert_megakernel.py).
+  Why it can win although SQ = 1 gives the 40 QKV blocks twice the Wqkv bytes each (Kq = D: 16 tiles, a 44-tile
+  stream per layer instead of 36 for 80 half-K blocks, the same bytes in all): the ring streams across phases and
+  the layer is bound by its chain of phases and barriers, not by bytes, and this removes one phase and one grid
+  barrier per layer (10 instead of 11) for 8 more tiles on 40 blocks' A.
 - C attention (flash-decoding): block b < N KT: head b % N, key tile b // N (the last one: the own keys); partial
   o, row max m and row sum l of its 64 keys (invalid keys masked to upstream's BIG_NEG by a host 0/1 vector).
 - D combine: head b % N, H / (B / N) columns: the key tiles' partials merged in key-tile order, o bf16.
@@ -45,10 +59,10 @@ Why this split: each phase's natural parallelism in [64, *] tiles that wgmma tak
 probe (32 columns x all 64 rows per block) so the norm's row sums of squares are one [U, M] hand-off. The MLP's
 phase 1 needs all of h2 (so G -> M1 stays a barrier) and the norm needs whole rows (so F -> G does too).
 
-Hand-offs: 2 + 11 L - 1 rounds of one global counter per call (`_counted_barrier`: signal, wait without decrement
-until B (round + 1), async-proxy fences either side, TMA stores awaited before signalling). No barrier follows the
-last layer's final norm (h goes out as the result). Block 0 winds the counter back at the end once every block has
-signalled `done`.
+Hand-offs: 2 + 11 L - 1 rounds (2 + 10 L - 1 with fused_rope: `rounds_per_call`) of one global counter per call
+(`_counted_barrier`: signal, wait without decrement until B (round + 1), async-proxy fences either side, TMA stores
+awaited before signalling). No barrier follows the last layer's final norm (h goes out as the result). Block 0
+winds the counter back (by B x those rounds) at the end once every block has signalled `done`.
 
 THE point: one weight ring per block across the whole call. `pack_weights` gives block b one contiguous array of its
 R-row tiles in stream order, per layer [its Wqkv slab (QKV blocks only)] [its Wo slab] [its M1 slab] [its M2 slab];
@@ -62,7 +76,10 @@ Race-freedom (every buffer written in one phase, read only in the next, so the b
 before the read; its next write comes after a barrier that follows every read):
 - h: written by G' (read by A) and by G (read by M1); G of layer l follows the barriers after A (its last reader),
   G' follows the one after M1.
-- qkv_part A -> B; qkv B -> C; o_part, ml C -> D; o D -> E; act M1 -> M2; all rewritten a layer later.
+- qkv_part A -> B; qkv B -> C; o_part, ml C -> D; o D -> E; act M1 -> M2; all rewritten a layer later. With
+  fused_rope there is no qkv_part and qkv is written in A' and read in C (the barrier after A' orders them; A' of
+  the next layer follows the barriers after C, its last reader); A' waits its cos / sin loads on bars 0 and 1 in
+  the phase that issues them, as every small phase does.
 - part: E -> F and M2 -> F'; M2 writes after the barriers following F, E (next layer) after those following F'.
 - ssq: F -> G and F' -> G' (and the prologue -> G of layer 0); likewise one barrier apart at least.
 - x lives in its owner block's shared memory (F, G, F', G' of the same block), stored once at the end.
@@ -78,7 +95,7 @@ On the CPU (Mosaic GPU interpret mode has no global semaphores) every phase's bl
 (`expert_stack_phases`), `expert_stack_emulated` replays the schedule in plain JAX (same tiles, split orders, key
 tile order, rounding points), and the tests lower the persistent kernel for Hopper at full size.
 
-Barriers that could go, not taken in this first version: none of the 11 is redundant as written (every phase
+Barriers that could go: fused_rope takes B's (above). Otherwise none of the 11 is redundant as written (every phase
 reads what the one before wrote from other blocks: G's norm needs whole rows of x, M1 needs all of h2, F / F' all
 SO partials). Merging would need redundant work instead: e.g. every M1 block re-normalizing the rows itself from
 the ssq and all of x (a [64, D] float32 read per block instead of the G -> M1 hand-off), or split-K groups
@@ -91,7 +108,9 @@ second call bit-identical; finite; FAILED and exit 1 otherwise; a time-stamped l
 L = 1 executables finish compiling, so a slow compile and a hang read apart), then CUPTI device time of each at
 L = 18 and L = 1, a per-layer line ((L18 - L1) / 17), and today's `pallas` expert
 (scripts/megakernel_baseline.py: the product's expert_layer) timed the same way.
-`... expert_megakernel 64,3,4 64,4,2` times those ring variants instead, without the baseline.
+`... expert_megakernel 64,3,4 64,4,2` times those variants instead, without the baseline: each is MegaTiles'
+fields in order, TILE_ROWS,SLOTS,ACT_SLOTS[,BLOCKS[,QKV_SPLITS[,FUSED_ROPE 0/1]]] (`_parse_variant`), e.g.
+`64,4,4 64,4,4,128,1,1` the default against it with RoPE fused (CARD_VARIANTS has that one too).
 """
 
 from __future__ import annotations
