@@ -958,7 +958,7 @@ def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = Meg
             base = 2 + per * i
             k = 0
 
-            def sync():  # round base + k of the layer's barriers
+            def sync():  # round base + k of the layer's barriers (base itself at k = 0, op for op as before)
                 nonlocal k
                 _counted_barrier(arrive, g.blocks, base + k if k else base)
                 k += 1
