@@ -2,7 +2,8 @@
 the ffw gate, the norm with the ffw / final mods; Mosaic GPU interpret mode, no semaphores) compute what the plain-JAX
 emulation of the schedule does, small and at full width; the phases chained match the emulation, and the emulation
 matches upstream's layers at full size; the persistent kernel (global semaphores: card only) lowers for Hopper at
-full size (L = 18, 128 blocks); bad operands are named; on a GPU, the kernel against the reference."""
+full size (L = 18, 128 blocks); bad operands are named; on a GPU, the kernel against the reference. MegaTiles'
+fused_rope: its QKV launch bit-identical to phase A (SQ = 1) then B, chained, emulated, lowered and replayed."""
 
 from __future__ import annotations
 
@@ -389,3 +390,13 @@ def test_combine_needs_blocks_a_multiple_of_the_heads():
     with pytest.raises(ValueError, match="combine: blocks must be a multiple of N"):
         em._geometry(256, 3, 128, 1, em.MegaTiles(64, 2, 2, 16, 1))
 
+
+
+def test_card_variants_parse_from_argv():
+    """main()'s argv: MegaTiles' fields in order, the sixth (fused_rope) 0 or 1; the default card run has FUSED."""
+    got, with_today = em._parse_variants(["64,4,4", "64,4,4,128,1,1"])
+    assert got == (FULL, FUSED) and got[1].fused_rope is True and not with_today
+    assert FUSED in em.CARD_VARIANTS and em._parse_variants([]) == (em.CARD_VARIANTS, True)
+    for bad in ("64,4,4,128,1,2", "64,4,4,128,2,1", "64,4,4,128,1,1,1"):
+        with pytest.raises(SystemExit):
+            em._parse_variants([bad])
