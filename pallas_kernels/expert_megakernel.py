@@ -102,7 +102,8 @@ the ssq and all of x (a [64, D] float32 read per block instead of the G -> M1 ha
 (mlp_stack's sync="groups") for E -> F and M2 -> F' (only the column group's SO blocks).
 
 Card run (one device call; a semaphore bug hangs, so wrap it in `timeout`):
-`PYTHONPATH=$PWD:$PWD/scripts timeout 300 python3 -m pallas_kernels.expert_megakernel` (`main`): correctness first
+`PYTHONPATH=$PWD:$PWD/scripts timeout 450 python3 -m pallas_kernels.expert_megakernel` (`main`; three variants
+now, so more than the 300 s two took): correctness first
 (`CARD_VARIANTS` at L = 18 and L = 1 against the reference on the 50 real rows, x and the final h, gate 1e-2;
 second call bit-identical; finite; FAILED and exit 1 otherwise; a time-stamped line as each variant's L = 18 and
 L = 1 executables finish compiling, so a slow compile and a hang read apart), then CUPTI device time of each at
@@ -110,7 +111,8 @@ L = 18 and L = 1, a per-layer line ((L18 - L1) / 17), and today's `pallas` exper
 (scripts/megakernel_baseline.py: the product's expert_layer) timed the same way.
 `... expert_megakernel 64,3,4 64,4,2` times those variants instead, without the baseline: each is MegaTiles'
 fields in order, TILE_ROWS,SLOTS,ACT_SLOTS[,BLOCKS[,QKV_SPLITS[,FUSED_ROPE 0/1]]] (`_parse_variant`), e.g.
-`64,4,4 64,4,4,128,1,1` the default against it with RoPE fused (CARD_VARIANTS has that one too).
+`64,4,4 64,4,4,128,1 64,4,4,128,1,1`: the default, its rings at SQ = 1 (what SQ = 1 alone costs) and with RoPE
+fused (CARD_VARIANTS has the first and the last).
 """
 
 from __future__ import annotations
