@@ -9,17 +9,19 @@ prefix keys and its own, out-proj + gated residual, norm, GeGLU MLP, gated resid
 final norm) -> action_out_proj (XLA). A batch of B rows is B launches per step (each re-streams the weights): the
 kernel's tiles are 64 rows, one row's action tokens.
 
-Once per checkpoint (`megakernel_constants`, cached by the expert weights' identity): the expert's weights stacked
+Once per checkpoint (`megakernel_weights`, cached by the expert weights' identity): the expert's weights stacked
 per layer and cut into the kernel's per-block tile stream (`expert_megakernel.pack_weights`); a copy of the
 expert's bytes (the per-layer weights stay: `layout_of` and the other phases read the params as they are). Once per
 (checkpoint, num_steps): the adaRMS table of pi05_jax.fast.denoise regrouped as the kernel reads it ([I, L, 6, D]
 per-layer modulations, [I, 2, D] the final norm's). Once per call: the prefix K/V of every layer stacked [L, B, S, H].
 
-What the kernel takes, checked here before tracing it (`check_expert`), each a ValueError naming the size:
-bfloat16 weights (its GEMMs are bf16 wgmma with float32 accumulation), one kv head, the action horizon <= 64, the
-prefix bucket a multiple of 64; everything else (widths, heads, mlp dim against the grid) the kernel's own checks
-name. The residual stream stays float32 inside the kernel (upstream's bf16 model rounds it to bf16 after every
-add): the result is closer to the float32 model than upstream's bf16 one is, and is compared against both.
+What the kernel takes, checked at load (`check_expert`, `tiles_for`, `check_resident`) or per call (`check_call`),
+each a ValueError naming the size: bfloat16 weights (its GEMMs are bf16 wgmma with float32 accumulation), plain
+(not quantized) arrays, head_dim 256 and one kv head, mlp_dim a multiple of 32 (one block per 32 GeGLU columns), a
+grid no larger than the card's SM count, the action horizon <= 64, the prefix bucket a multiple of 64; the rest
+(e.g. at most 896 prefix keys for the attention phase's 128 blocks) the kernel's own checks name.
+The residual stream stays float32 inside the kernel (upstream's bf16 model rounds it to bf16 after every add): the
+result is closer to the float32 model than upstream's bf16 one is, and is compared against both.
 
 Axis legend: B batch, T action tokens, M the kernel's 64 rows, S prefix slots, L layers, D width, H head dim,
 I Euler steps.
