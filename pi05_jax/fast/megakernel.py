@@ -21,7 +21,7 @@ each a ValueError naming the size: bfloat16 weights (its GEMMs are bf16 wgmma wi
 grid no larger than the card's SM count, the action horizon <= 64, the prefix bucket a multiple of 64; the rest
 (e.g. at most 896 prefix keys for the attention phase's 128 blocks) the kernel's own checks name.
 The residual stream stays float32 inside the kernel (upstream's bf16 model rounds it to bf16 after every add): the
-result is closer to the float32 model than upstream's bf16 one is, and is compared against both.
+result differs from upstream's bf16 one by bf16 rounding, and is compared against it (tests, and on the card).
 
 Axis legend: B batch, T action tokens, M the kernel's 64 rows, S prefix slots, L layers, D width, H head dim,
 I Euler steps.
