@@ -47,13 +47,10 @@ def stacked_expert_weights(layers: tuple) -> tuple:
     the layouts `expert_megakernel.pack_weights` takes. Reads the fused `qkv_einsum_1` [D, 1, N+2, H] (q heads,
     then k, then v) and either gating layout."""
     wqkv, wo, wg, wu, wd = [], [], [], [], []
-    for i, layer in enumerate(layers):
+    for layer in layers:
         attn, mlp = layer["attn"], layer["mlp_1"]
         qkv = attn["qkv_einsum_1"]["w"]
-        d, kh, c, h = qkv.shape
-        if kh != 1:
-            raise ValueError(f"PaliGemma/llm/layers[{i}]/attn/qkv_einsum_1/w {qkv.shape}: the megakernel takes one kv "
-                             f"head, got K={kh}")
+        d, _, c, h = qkv.shape  # one kv head: check_expert
         out = attn["attn_vec_einsum_1"]["w"]  # [N, H, D]
         wqkv.append(qkv.reshape(d, c * h))
         wo.append(out.reshape(-1, out.shape[-1]))
