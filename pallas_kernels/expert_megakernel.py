@@ -131,8 +131,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.skinny_matmul import gelu_tanh  # jax.nn.gelu(approximate=True) in float32
-
 ROWS = 64  # M
 COLS = 64  # C
 HALF = 32  # float32 columns in one 128-byte swizzled row; the reduce / norm column unit
@@ -305,6 +303,12 @@ def key_valid(length, s: int, tokens: int = TOKENS) -> jax.Array:
 def norm_table(mods, final) -> jax.Array:
     """[L + 1, 2, D] float32: (scale, shift) of layer l's attention norm, the final norm last."""
     return jnp.concatenate([mods[:, ATTN_SCALE:ATTN_SHIFT + 1], final[None]]).astype(jnp.float32)
+
+
+def gelu_tanh(x):
+    """jax.nn.gelu(approximate=True) in float32 (skinny_matmul's formula, kept in this module: the schedule replay,
+    tests/megakernel_schedule.py, swaps this module's jnp for recorders, which an imported function would escape)."""
+    return x * (0.5 * (1.0 + jnp.tanh(jnp.float32(0.7978845608028654) * (x + 0.044715 * (x * x * x)))))
 
 
 def _geglu(gate, up):
