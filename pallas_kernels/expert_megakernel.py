@@ -896,8 +896,23 @@ def _buffer_types(g):
             "ssq": jax.ShapeDtypeStruct((g.units, ROWS), f32)}
 
 
-def _launch(body, g, tiles, ins: dict, outs: dict, *, interpret=False):
-    """plgpu.kernel over named inputs and outputs: body(c) with every ref as an attribute of c."""
+def phase_names(tiles: MegaTiles = MegaTiles()) -> tuple[str, ...]:
+    """The profiler scopes of one layer in order: each phase, then its barrier wait "<phase> | wait" (none after the
+    last layer's last phase)."""
+    phases = (("A' qkv+rope",) if tiles.fused_rope else ("A qkv", "B rope")) + (
+        "C attention", "D combine", "E out-proj", "F reduce", "G norm", "M1 gate/up", "M2 down", "F' reduce",
+        "G' norm")
+    return tuple(n for p in phases for n in (p, f"{p} | wait"))
+
+
+def profile_ranges(layers: int, tiles: MegaTiles = MegaTiles()) -> int:
+    """Profiler ranges one block records per call: the prologue's 4 and the epilogue, each layer's scopes."""
+    return 5 + len(phase_names(tiles)) * layers
+
+
+def _launch(body, g, tiles, ins: dict, outs: dict, *, interpret=False, profile_dir=None):
+    """plgpu.kernel over named inputs and outputs: body(c) with every ref as an attribute of c; profile_dir: the
+    on-device profiler's trace directory (`expert_stack`)."""
     in_names, out_names = list(ins), list(outs)
 
     def kernel(*refs):
@@ -907,6 +922,9 @@ def _launch(body, g, tiles, ins: dict, outs: dict, *, interpret=False):
 
     out = plgpu.kernel(kernel, out_type=tuple(outs.values()), grid=(g.blocks,), grid_names=("blocks",),
                        scratch_types=_scratch(tiles),
+                       compiler_params=plgpu.CompilerParams(
+                           profile_space=profile_ranges(g.layers, tiles), profile_dir=profile_dir,
+                           profile_bounds_check=True) if profile_dir else None,
                        interpret=plgpu.InterpretGPUParams() if interpret else None)(*ins.values())
     if interpret and not any(isinstance(o, jax.core.Tracer) for o in jax.tree.leaves(out)):
         out = jax.block_until_ready(out)  # interpret-mode callbacks: finish before other CPU work is dispatched
@@ -935,10 +953,14 @@ def check_resident(tiles: MegaTiles, device=None) -> None:
                          f"SMs resident at once; {device.device_kind} has {sms}")
 
 
-def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = MegaTiles(), tokens: int = TOKENS):
+def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = MegaTiles(), tokens: int = TOKENS,
+                 *, profile_dir: str | None = None):
     """The L-layer expert stack (module docstring) as one persistent kernel: x float32 [64, D], w_tiles from
     `pack_weights`, prefix K/V bf16 [L, S, 256], mods [L, 6, D], final [2, D], length int32 scalar -> (final-normed
-    h bf16 [64, D], x float32 [64, D]). Global semaphores: the card only (`expert_stack_phases` on the CPU)."""
+    h bf16 [64, D], x float32 [64, D]). Global semaphores: the card only (`expert_stack_phases` on the CPU).
+    profile_dir: Mosaic GPU's on-device profiler records every phase and every barrier wait of every block (the
+    named scopes, `phase_names`) and each call writes a trace there (`pallas_kernels.phase_profile` reads it);
+    for measurement only: it costs shared memory and a store per scope."""
     g = _check(x, w_tiles, kp, vp, mods, final, length, tiles, tokens)
     check_resident(tiles)
     ins = {"x": x, "w": w_tiles, "kp": kp, "vp": vp, "mods": mods.astype(jnp.float32),
@@ -950,66 +972,69 @@ def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = Meg
         arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
         done = pl.get_global(plgpu.SemaphoreType.REGULAR)
         stop = _stop(c)
-        _fill_ring(c, 0, stop)  # the weight stream starts before anything waits
-        _load_x(c, c.x)
-        _ssq_block(c)
-        _counted_barrier(arrive, g.blocks, 0)
-        _norm_block(c, c.norms, 0, 0, 1)
-        _counted_barrier(arrive, g.blocks, 1)
+        with jax.named_scope("prologue"):
+            _fill_ring(c, 0, stop)  # the weight stream starts before anything waits
+            _load_x(c, c.x)
+            _ssq_block(c)
+        with jax.named_scope("prologue | wait"):
+            _counted_barrier(arrive, g.blocks, 0)
+        with jax.named_scope("prologue norm"):
+            _norm_block(c, c.norms, 0, 0, 1)
+        with jax.named_scope("prologue norm | wait"):
+            _counted_barrier(arrive, g.blocks, 1)
 
         def layer(i, carry):
             base = 2 + per * i
             k = 0
 
-            def sync():  # round base + k of the layer's barriers (base itself at k = 0, op for op as before)
+            def phase(name, run, *, last=False):
+                """One phase under its profiler scope, then (but after the last layer's last phase) the grid
+                barrier of round base + k under "<name> | wait" (`phase_names`)."""
                 nonlocal k
-                _counted_barrier(arrive, g.blocks, base + k if k else base)
+                with jax.named_scope(name):
+                    run()
+                if last:
+                    assert k == per - 1, (k, per)
+
+                def sync():
+                    with jax.named_scope(f"{name} | wait"):
+                        _counted_barrier(arrive, g.blocks, base + k if k else base)
+
+                if last:
+                    pl.when(i + 1 < g.layers)(sync)
+                else:
+                    sync()
                 k += 1
 
             if tiles.fused_rope:
-                _phase_qkv_rope(c, i, stop)  # A with B folded in: qkv written here, read by C
-                sync()
+                phase("A' qkv+rope", lambda: _phase_qkv_rope(c, i, stop))  # A with B folded in: qkv read by C
             else:
-                _phase_qkv(c, i, stop)
-                sync()
-                _rope_block(c)
-                sync()
-            _attention_block(c, i)
-            sync()
-            _combine_block(c)
-            sync()
-            _phase_outproj(c, i, stop)
-            sync()
-            _reduce_block(c, i, ATTN_GATE)
-            sync()
-            _norm_block(c, c.mods, i, FFW_SCALE, FFW_SHIFT)
-            sync()
-            _phase_m1(c, i, stop)
-            sync()
-            _phase_m2(c, i, stop)
-            sync()
-            _reduce_block(c, i, FFW_GATE)
-            sync()
-            _norm_block(c, c.norms, i + 1, 0, 1)  # the next layer's attention norm, or the final norm
-            assert k == per - 1, (k, per)
-
-            @pl.when(i + 1 < g.layers)
-            def _():
-                sync()
-
+                phase("A qkv", lambda: _phase_qkv(c, i, stop))
+                phase("B rope", lambda: _rope_block(c))
+            phase("C attention", lambda: _attention_block(c, i))
+            phase("D combine", lambda: _combine_block(c))
+            phase("E out-proj", lambda: _phase_outproj(c, i, stop))
+            phase("F reduce", lambda: _reduce_block(c, i, ATTN_GATE))
+            phase("G norm", lambda: _norm_block(c, c.mods, i, FFW_SCALE, FFW_SHIFT))
+            phase("M1 gate/up", lambda: _phase_m1(c, i, stop))
+            phase("M2 down", lambda: _phase_m2(c, i, stop))
+            phase("F' reduce", lambda: _reduce_block(c, i, FFW_GATE))
+            # the next layer's attention norm, or the final norm
+            phase("G' norm", lambda: _norm_block(c, c.norms, i + 1, 0, 1), last=True)
             return carry
 
         lax.fori_loop(0, g.layers, layer, None)
-        _store_x(c, c.x_out)
-        plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+        with jax.named_scope("epilogue"):
+            _store_x(c, c.x_out)
+            plgpu.semaphore_signal(done, 1, memory_scope="gpu")
 
-        @pl.when(c.b == 0)
-        def _():  # every block is past its last barrier: wind the counter back for the next call
-            plgpu.semaphore_wait(done, g.blocks, memory_scope="gpu")
-            plgpu.semaphore_signal(arrive, -g.blocks * rounds, memory_scope="gpu")
+            @pl.when(c.b == 0)
+            def _():  # every block is past its last barrier: wind the counter back for the next call
+                plgpu.semaphore_wait(done, g.blocks, memory_scope="gpu")
+                plgpu.semaphore_signal(arrive, -g.blocks * rounds, memory_scope="gpu")
 
     outs = {"x_out": jax.ShapeDtypeStruct((ROWS, g.d), jnp.float32), **_buffer_types(g)}
-    out = _launch(body, g, tiles, ins, outs)
+    out = _launch(body, g, tiles, ins, outs, profile_dir=profile_dir)
     return out["h"], out["x_out"]
 
 
@@ -1386,10 +1411,50 @@ def _parse_variants(argv) -> tuple[tuple[MegaTiles, ...], bool]:
                  f"(e.g. 64,4,4 or 64,4,4,128,1,1); {ex}")
 
 
+def _profile_variants(timed, profile_dir, compiled) -> bool:
+    """main()'s --profile: per variant, a second executable with Mosaic GPU's on-device profiler, called once after
+    a warm-up of the plain one (the profiler writes the first call's trace only); its outputs must equal the plain
+    call's bit for bit; then `phase_profile`'s table, the profiled call's span scaled to the plain call's time.
+    Returns True if a variant failed."""
+    import numpy as np
+
+    from pallas_kernels import phase_profile
+
+    broken = False
+    for tiles, fn, args, us in timed:
+        sub = pathlib.Path(profile_dir) / tiles.label().replace(" ", "").replace(",", "_")
+        sub.mkdir(parents=True, exist_ok=True)
+        prof = jax.jit(functools.partial(expert_stack, tiles=tiles, profile_dir=str(sub)))
+        try:
+            compiled(prof, args, f"{tiles.label()}, L=18, profiled")
+            want = [np.asarray(a) for a in fn(*args)]
+            got = [np.asarray(a) for a in prof(*args)]
+            stats, per_us = phase_profile.summarize(phase_profile.load(phase_profile.latest_trace(sub)), us)
+        except Exception as ex:  # say so, go on with the next variant
+            print(f"  profile of {tiles.label()}: FAILED {type(ex).__name__}: {str(ex)[:800]}", flush=True)
+            broken = True
+            continue
+        same = all(a.tobytes() == b.tobytes() for a, b in zip(want, got, strict=True))
+        print(f"profile, {tiles.label()} (outputs bit-identical to the plain call: {same}; trace in {sub}):",
+              flush=True)
+        print(phase_profile.format_table(stats, per_us, layers=FULL_LAYERS), flush=True)
+        broken |= not same
+    return broken
+
+
 def main(argv=None) -> int:
     import numpy as np
 
-    variants, with_today = _parse_variants(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    profile_dir = None
+    if "--profile" in argv:  # --profile DIR: after the timings, one profiled call of each variant (phase_profile)
+        at = argv.index("--profile")
+        if at + 1 >= len(argv):
+            sys.exit("expert_megakernel: --profile needs a directory for the traces")
+        profile_dir = argv.pop(at + 1)
+        argv.pop(at)
+        pathlib.Path(profile_dir).mkdir(parents=True, exist_ok=True)
+    variants, with_today = _parse_variants(argv)
     start = time.monotonic()
 
     def compiled(fn, args, what):  # AOT first (fn's cache keeps it), so a slow compile and a hang read apart
@@ -1453,10 +1518,14 @@ def main(argv=None) -> int:
         return us
 
     print("CUPTI device time, median of 20:", flush=True)
+    timed = []
     for tiles, fn, args18, args1 in runs:
         us = report(f"megakernel, {tiles.label()}", device_us(fn, *args18))
         us1 = report(f"megakernel, {tiles.label()}, L=1", device_us(fn, *args1), layers=1)
         print(f"  per layer (L=18 minus L=1, over 17): {(us - us1) / (FULL_LAYERS - 1):.2f} us", flush=True)
+        timed.append((tiles, fn, args18, us))
+    if profile_dir is not None:
+        broken |= _profile_variants(timed, profile_dir, compiled)
     if not with_today:
         return 1 if broken else 0
     from megakernel_baseline import pallas_expert_chain  # scripts/: the product's expert
