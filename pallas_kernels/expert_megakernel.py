@@ -70,7 +70,10 @@ blocks without QKV work are zero-padded at the end (never read). The first `slot
 and each slot is refilled `slots` tiles on as soon as the wgmma reading it is done (lag1), with no regard to phase
 or layer boundaries: while a block waits on a barrier, reduces or attends, its next tiles are in flight. The A
 operands (h, o, act) come through an `act_slots` ring started after the barrier that made them. Prefix K/V are read
-by the attention phase directly (TMA, not ringed).
+by the attention phase directly (TMA, not ringed). The small phases issue their static loads (kernel inputs no block
+writes: prefix K / V and the key mask, the norms' scale / shift, the gates, B's cos / sin) before the grid barrier
+ahead of them and wait for them after it (`_Hand`, `_prefetched`), so only the loads of what other blocks wrote
+start after a barrier (tests/megakernel_schedule.py `late_static_loads` checks it).
 
 Race-freedom (every buffer written in one phase, read only in the next, so the barrier between orders the write
 before the read; its next write comes after a barrier that follows every read):
@@ -117,12 +120,14 @@ fused (CARD_VARIANTS has the first and the last).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import pathlib
 import sys
 import time
 import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -449,6 +454,32 @@ def _counted_barrier(sem, members, round_):
     _proxy_fence()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Hand:
+    """The hand-off into a phase of the persistent kernel: `barrier` the grid barrier after the phase before, under
+    that phase's profiler scope `wait_name` ("<phase> | wait"), and `name` the phase's own scope. A phase issues its
+    static loads (weights of the norm and the gates, prefix K / V, cos / sin, the key mask: nothing another block
+    writes) under `before()` and ahead of the barrier, so their latency overlaps the wait; what other blocks wrote it
+    loads after. `_NO_HAND` (one launch per phase, interpret mode): no barrier, no scopes."""
+
+    wait_name: str | None = None
+    barrier: Callable[[], None] | None = None
+    name: str | None = None
+
+    def before(self):
+        return jax.named_scope(self.wait_name) if self.wait_name else contextlib.nullcontext()
+
+    def sync(self):
+        if self.barrier is not None:
+            self.barrier()
+
+    def phase(self):
+        return jax.named_scope(self.name) if self.name else contextlib.nullcontext()
+
+
+_NO_HAND = _Hand()
+
+
 def _is_q(c):
     return c.b < c.g.nq
 
@@ -647,8 +678,9 @@ def _phase_m2(c, layer, stop):
              lambda q: c.part.at[split, :, pl.ds(col * COLS + q * HALF, HALF)])
 
 
-def _rope_block(c):
-    """Phase B: pair p = b % pairs (head p // 2, half p % 2), rows [rr r, +rr)."""
+def _rope_block(c, hand=_NO_HAND):
+    """Phase B: pair p = b % pairs (head p // 2, half p % 2), rows [rr r, +rr); cos / sin issued before the
+    barrier (`_Hand`)."""
     g = c.g
     rr = g.rope_rows
     p, rgrp = lax.rem(c.b, g.pairs), lax.div(c.b, g.pairs)
@@ -656,13 +688,18 @@ def _rope_block(c):
     rows = pl.ds(rgrp * rr, rr)
     lo_col, hi_col = (4 * hd + half) * COLS, (4 * hd + half + 2) * COLS
 
-    def scope(part, cs, out):
+    def loads(part, cs):
         for s in range(g.sq):
             plgpu.copy_gmem_to_smem(c.qkv_part.at[s, rows, pl.ds(lo_col, COLS)], part.at[0, s], c.bars.at[2 * s])
             plgpu.copy_gmem_to_smem(c.qkv_part.at[s, rows, pl.ds(hi_col, COLS)], part.at[1, s],
                                     c.bars.at[2 * s + 1])
+
+    def static(cs):
         for k in range(2):
             plgpu.copy_gmem_to_smem(c.cs.at[k, rows, pl.ds(half * COLS, COLS)], cs.at[k], c.bars.at[2 * g.sq + k])
+
+    def work(part, cs, out):
+        loads(part, cs)
         for k in range(2 * g.sq + 2):
             plgpu.barrier_wait(c.bars.at[k])
         sums = []
@@ -682,27 +719,44 @@ def _rope_block(c):
         plgpu.copy_smem_to_gmem(out.at[1], c.qkv.at[rows, pl.ds(hi_col, COLS)])
         plgpu.wait_smem_to_gmem(0, wait_read_only=False)
 
-    @pl.when(c.b < g.pairs * g.row_groups)
-    def _():
-        pl.run_scoped(scope, plgpu.SMEM((2, g.sq, rr, COLS), jnp.float32), plgpu.SMEM((2, rr, COLS), jnp.float32),
-                      plgpu.SMEM((2, rr, COLS), jnp.bfloat16))
+    _prefetched(c.b < g.pairs * g.row_groups, hand, lambda part, cs, out: static(cs), work,
+                plgpu.SMEM((2, g.sq, rr, COLS), jnp.float32), plgpu.SMEM((2, rr, COLS), jnp.float32),
+                plgpu.SMEM((2, rr, COLS), jnp.bfloat16))
 
 
-def _attention_block(c, layer):
-    """Phase C: head n = b % N, key tile kt = b // N; partial (o, m, l) of the 64 q rows over its 64 keys."""
+def _prefetched(member, hand, static, work, *scratch):
+    """A small phase's block program around its hand-off: shared memory for every block (so the barrier below is
+    reached by all of them), then for members (`member`, a traced bool) static(*refs) issuing the copies nothing
+    of this layer writes, the barrier, and work(*refs) (the copies of what other blocks wrote, the waits, the
+    math)."""
+    def scope(*refs):
+        with hand.before():
+            pl.when(member)(lambda: static(*refs))
+            hand.sync()
+        with hand.phase():
+            pl.when(member)(lambda: work(*refs))
+
+    pl.run_scoped(scope, *scratch)
+
+
+def _attention_block(c, layer, hand=_NO_HAND):
+    """Phase C: head n = b % N, key tile kt = b // N; partial (o, m, l) of the 64 q rows over its 64 keys. The key
+    mask and a prefix key tile's K / V are issued before the barrier (`_Hand`), q (and the own keys) after."""
     g = c.g
     n, kt = lax.rem(c.b, g.heads), lax.div(c.b, g.heads)
     own = g.kt - 1
     bf = _transforms(COLS, jnp.bfloat16)
 
-    def scope(q_s, k_s, v_s, valid_s, stage, m_s, l_s, p_s):
-        plgpu.copy_gmem_to_smem(c.qkv.at[:, pl.ds(n * HEAD, HEAD)], q_s, c.bars.at[0])
+    def static(q_s, k_s, v_s, valid_s, *_):
         plgpu.copy_gmem_to_smem(c.valid.at[pl.ds(kt * KEY_TILE, KEY_TILE)], valid_s, c.bars.at[1])
 
         @pl.when(kt < own)
         def _():
             plgpu.copy_gmem_to_smem(c.kp.at[layer, pl.ds(kt * KEY_TILE, KEY_TILE), :], k_s, c.bars.at[2])
             plgpu.copy_gmem_to_smem(c.vp.at[layer, pl.ds(kt * KEY_TILE, KEY_TILE), :], v_s, c.bars.at[3])
+
+    def work(q_s, k_s, v_s, valid_s, stage, m_s, l_s, p_s):
+        plgpu.copy_gmem_to_smem(c.qkv.at[:, pl.ds(n * HEAD, HEAD)], q_s, c.bars.at[0])
 
         @pl.when(kt == own)
         def _():
@@ -748,15 +802,14 @@ def _attention_block(c, layer):
                 plgpu.copy_smem_to_gmem(stage.at[q], c.o_part.at[kt, n, :, pl.ds(j * COLS + q * HALF, HALF)])
         plgpu.wait_smem_to_gmem(0, wait_read_only=False)
 
-    @pl.when(c.b < g.heads * g.kt)
-    def _():
-        pl.run_scoped(scope, plgpu.SMEM((ROWS, HEAD), jnp.bfloat16, transforms=bf),
-                      plgpu.SMEM((KEY_TILE, HEAD), jnp.bfloat16, transforms=bf),
-                      plgpu.SMEM((KEY_TILE, HEAD), jnp.bfloat16, transforms=bf),
-                      plgpu.SMEM((KEY_TILE,), jnp.float32),
-                      plgpu.SMEM((2, ROWS, HALF), jnp.float32, transforms=_transforms(HALF, jnp.float32)),
-                      plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
-                      plgpu.SMEM((ROWS, KEY_TILE), jnp.bfloat16, transforms=bf))
+    _prefetched(c.b < g.heads * g.kt, hand, static, work,
+                plgpu.SMEM((ROWS, HEAD), jnp.bfloat16, transforms=bf),
+                plgpu.SMEM((KEY_TILE, HEAD), jnp.bfloat16, transforms=bf),
+                plgpu.SMEM((KEY_TILE, HEAD), jnp.bfloat16, transforms=bf),
+                plgpu.SMEM((KEY_TILE,), jnp.float32),
+                plgpu.SMEM((2, ROWS, HALF), jnp.float32, transforms=_transforms(HALF, jnp.float32)),
+                plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
+                plgpu.SMEM((ROWS, KEY_TILE), jnp.bfloat16, transforms=bf))
 
 
 def _combine_block(c):
@@ -809,9 +862,9 @@ def _store_x(c, x_gmem):
         _store(c.x_sh, x_gmem.at[:, _unit_cols(c)])
 
 
-def _vec(c, src, smem, bar):
-    """A [32] float32 column vector (of this unit) into smem, loaded in the WGMMA column layout."""
-    plgpu.copy_gmem_to_smem(src, smem, c.bars.at[bar])
+def _vec(c, smem, bar):
+    """The [32] float32 column vector (of this unit) copied into smem on load barrier `bar`, in the WGMMA column
+    layout once landed."""
     plgpu.barrier_wait(c.bars.at[bar])
     return lax.broadcast_in_dim(plgpu.load(smem, layout=W.reduce(0)), (ROWS, HALF), [1])
 
@@ -824,14 +877,18 @@ def _write_ssq(c, x):
     pl.run_scoped(scope, plgpu.SMEM((ROWS,), jnp.float32))
 
 
-def _reduce_block(c, layer, gate_row):
-    """Phases F / F': x share += f32(bf16(bf16(sum_s part[s]) * gate)), then its per-row sum of squares."""
+def _reduce_block(c, layer, gate_row, hand=_NO_HAND):
+    """Phases F / F': x share += f32(bf16(bf16(sum_s part[s]) * gate)), then its per-row sum of squares; the gate
+    issued before the barrier (`_Hand`), the partials after."""
     g = c.g
 
-    def scope(red, vec):
+    def static(red, vec):
+        plgpu.copy_gmem_to_smem(c.mods.at[layer, gate_row, _unit_cols(c)], vec, c.bars.at[g.so])
+
+    def work(red, vec):
         for s in range(g.so):
             plgpu.copy_gmem_to_smem(c.part.at[s, :, _unit_cols(c)], red.at[s], c.bars.at[s])
-        gate = _vec(c, c.mods.at[layer, gate_row, _unit_cols(c)], vec, g.so)
+        gate = _vec(c, vec, g.so)
         for s in range(g.so):
             plgpu.barrier_wait(c.bars.at[s])
         tot = plgpu.load(red.at[0], layout=W)
@@ -843,9 +900,8 @@ def _reduce_block(c, layer, gate_row):
         c.x_sh[...] = x
         _write_ssq(c, x)
 
-    @pl.when(c.b < g.units)
-    def _():
-        pl.run_scoped(scope, plgpu.SMEM((g.so, ROWS, HALF), jnp.float32), plgpu.SMEM((HALF,), jnp.float32))
+    _prefetched(c.b < g.units, hand, static, work, plgpu.SMEM((g.so, ROWS, HALF), jnp.float32),
+                plgpu.SMEM((HALF,), jnp.float32))
 
 
 def _ssq_block(c):
@@ -854,15 +910,20 @@ def _ssq_block(c):
         _write_ssq(c, plgpu.load(c.x_sh, layout=W))
 
 
-def _norm_block(c, table, layer, scale_row, shift_row):
+def _norm_block(c, table, layer, scale_row, shift_row, hand=_NO_HAND):
     """Phases G / G': h share = bf16(x r bf16(1 + scale) + shift), r from the summed row sums of squares; scale and
-    shift are rows of table[layer] (mods: the ffw norm; norms: the next attention norm or the final one)."""
+    shift are rows of table[layer] (mods: the ffw norm; norms: the next attention norm or the final one), issued
+    before the barrier (`_Hand`), the sums of squares after."""
     g = c.g
 
-    def scope(ssq_s, vec, out):
+    def static(ssq_s, vec, out):
+        plgpu.copy_gmem_to_smem(table.at[layer, scale_row, _unit_cols(c)], vec.at[0], c.bars.at[1])
+        plgpu.copy_gmem_to_smem(table.at[layer, shift_row, _unit_cols(c)], vec.at[1], c.bars.at[2])
+
+    def work(ssq_s, vec, out):
         plgpu.copy_gmem_to_smem(c.ssq, ssq_s, c.bars.at[0])
-        scale = _vec(c, table.at[layer, scale_row, _unit_cols(c)], vec.at[0], 1)
-        shift = _vec(c, table.at[layer, shift_row, _unit_cols(c)], vec.at[1], 2)
+        scale = _vec(c, vec.at[0], 1)
+        shift = _vec(c, vec.at[1], 2)
         plgpu.barrier_wait(c.bars.at[0])
         tot = plgpu.load(ssq_s.at[0], layout=W.reduce(1))
         for u in range(1, g.units):
@@ -874,10 +935,8 @@ def _norm_block(c, table, layer, scale_row, shift_row):
         out[...] = h.astype(jnp.bfloat16)
         _store(out, c.h.at[:, _unit_cols(c)])
 
-    @pl.when(c.b < g.units)
-    def _():
-        pl.run_scoped(scope, plgpu.SMEM((g.units, ROWS), jnp.float32), plgpu.SMEM((2, HALF), jnp.float32),
-                      plgpu.SMEM((ROWS, HALF), jnp.bfloat16))
+    _prefetched(c.b < g.units, hand, static, work, plgpu.SMEM((g.units, ROWS), jnp.float32),
+                plgpu.SMEM((2, HALF), jnp.float32), plgpu.SMEM((ROWS, HALF), jnp.bfloat16))
 
 
 # --- launches -------------------------------------------------------------------------------------------------------
@@ -976,51 +1035,60 @@ def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = Meg
             _fill_ring(c, 0, stop)  # the weight stream starts before anything waits
             _load_x(c, c.x)
             _ssq_block(c)
-        with jax.named_scope("prologue | wait"):
-            _counted_barrier(arrive, g.blocks, 0)
-        with jax.named_scope("prologue norm"):
-            _norm_block(c, c.norms, 0, 0, 1)
+        _norm_block(c, c.norms, 0, 0, 1, _Hand("prologue | wait", functools.partial(
+            _counted_barrier, arrive, g.blocks, 0), "prologue norm"))
         with jax.named_scope("prologue norm | wait"):
             _counted_barrier(arrive, g.blocks, 1)
 
         def layer(i, carry):
             base = 2 + per * i
+            names = phase_names(tiles)[::2]
             k = 0
 
-            def phase(name, run, *, last=False):
-                """One phase under its profiler scope, then (but after the last layer's last phase) the grid
-                barrier of round base + k under "<name> | wait" (`phase_names`)."""
+            def hand():
+                """The hand-off into the layer's phase k: the barrier after phase k - 1 (round base + k - 1) under
+                that phase's wait scope; phase 0's barrier is the one ending the layer before (or the prologue)."""
+                if k == 0:
+                    return _Hand(name=names[0])
+                return _Hand(f"{names[k - 1]} | wait",
+                             functools.partial(_counted_barrier, arrive, g.blocks, base + k - 1), names[k])
+
+            def phase(run, *, takes_hand=False):
+                """Phase k: run(hand) if it issues static loads ahead of its barrier (`_prefetched`), else the
+                barrier then run() under the phase's scope."""
                 nonlocal k
-                with jax.named_scope(name):
-                    run()
-                if last:
-                    assert k == per - 1, (k, per)
-
-                def sync():
-                    with jax.named_scope(f"{name} | wait"):
-                        _counted_barrier(arrive, g.blocks, base + k if k else base)
-
-                if last:
-                    pl.when(i + 1 < g.layers)(sync)
+                h = hand()
+                if takes_hand:
+                    run(h)
                 else:
-                    sync()
+                    with h.before():
+                        h.sync()
+                    with h.phase():
+                        run()
                 k += 1
 
             if tiles.fused_rope:
-                phase("A' qkv+rope", lambda: _phase_qkv_rope(c, i, stop))  # A with B folded in: qkv read by C
+                phase(lambda: _phase_qkv_rope(c, i, stop))  # A with B folded in: qkv read by C
             else:
-                phase("A qkv", lambda: _phase_qkv(c, i, stop))
-                phase("B rope", lambda: _rope_block(c))
-            phase("C attention", lambda: _attention_block(c, i))
-            phase("D combine", lambda: _combine_block(c))
-            phase("E out-proj", lambda: _phase_outproj(c, i, stop))
-            phase("F reduce", lambda: _reduce_block(c, i, ATTN_GATE))
-            phase("G norm", lambda: _norm_block(c, c.mods, i, FFW_SCALE, FFW_SHIFT))
-            phase("M1 gate/up", lambda: _phase_m1(c, i, stop))
-            phase("M2 down", lambda: _phase_m2(c, i, stop))
-            phase("F' reduce", lambda: _reduce_block(c, i, FFW_GATE))
+                phase(lambda: _phase_qkv(c, i, stop))
+                phase(lambda h: _rope_block(c, h), takes_hand=True)
+            phase(lambda h: _attention_block(c, i, h), takes_hand=True)
+            phase(lambda: _combine_block(c))
+            phase(lambda: _phase_outproj(c, i, stop))
+            phase(lambda h: _reduce_block(c, i, ATTN_GATE, h), takes_hand=True)
+            phase(lambda h: _norm_block(c, c.mods, i, FFW_SCALE, FFW_SHIFT, h), takes_hand=True)
+            phase(lambda: _phase_m1(c, i, stop))
+            phase(lambda: _phase_m2(c, i, stop))
+            phase(lambda h: _reduce_block(c, i, FFW_GATE, h), takes_hand=True)
             # the next layer's attention norm, or the final norm
-            phase("G' norm", lambda: _norm_block(c, c.norms, i + 1, 0, 1), last=True)
+            phase(lambda h: _norm_block(c, c.norms, i + 1, 0, 1, h), takes_hand=True)
+            assert k == per, (k, per)
+
+            @pl.when(i + 1 < g.layers)
+            def _():  # the barrier after G' (round base + per - 1): the next layer's A reads h
+                with jax.named_scope(f"{names[-1]} | wait"):
+                    _counted_barrier(arrive, g.blocks, base + per - 1)
+
             return carry
 
         lax.fori_loop(0, g.layers, layer, None)

@@ -344,3 +344,31 @@ def check(tiles, **sizes):
         if problems:
             out[b] = problems
     return out, rounds, g
+
+
+STATIC_SOURCES = ("kp", "vp", "valid", "mods", "norms", "cs")  # kernel inputs no block writes
+
+
+def late_static_loads(tiles, **sizes):
+    """{block: [(event index, source)]} of every copy of a static input (`STATIC_SOURCES`) that the block waits on
+    before it has passed a grid barrier since issuing it: a small phase's static loads must be in flight across the
+    barrier before the phase (`_prefetched`), not issued after it. The fused QKV epilogue's cos / sin (issued before
+    its GEMM, waited after it) and the prologue are exempt: nothing precedes them to overlap."""
+    body, g, names = kernel_body(tiles, **sizes)
+    out = {}
+    for b in range(tiles.blocks):
+        events = block_events(body, g, names, tiles, b)
+        first = next(i for i, ev in enumerate(events) if ev[0] == "semaphore_wait")
+        pending, late = {}, []  # barrier -> (event index, source) of a static copy not yet across a grid barrier
+        for i, ev in enumerate(events):
+            if ev[0] == "copy" and ev[3][0] in STATIC_SOURCES and i > first:
+                pending[ev[1]] = (i, ev[3][0])
+            elif ev[0] == "semaphore_wait":
+                pending.clear()
+            elif ev[0] == "wait" and ev[1] in pending:
+                at, src = pending.pop(ev[1])
+                if not (tiles.fused_rope and src == "cs"):
+                    late.append((at, src))
+        if late:
+            out[b] = late
+    return out

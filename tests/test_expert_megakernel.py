@@ -294,6 +294,25 @@ def test_the_default_ring_schedule_holds_at_other_sizes(sizes, fused):
     assert len(rounds) == 1 and len(next(iter(rounds))) == em.rounds_per_call(g.layers, tiles)
 
 
+@pytest.mark.parametrize("tiles", (FULL, FUSED), ids=("default", "fused_rope"))
+def test_static_loads_are_in_flight_across_the_barrier_before_their_phase(tiles, monkeypatch):
+    """The norms' scale / shift, the gates, prefix K / V, the key mask and B's cos / sin are issued before the grid
+    barrier ahead of their phase, so their latency overlaps the wait (`_Hand`); moving the barrier back ahead of
+    them is reported."""
+    assert schedule.late_static_loads(tiles, layers=2) == {}
+    def barrier_first(member, hand, static, work, *scratch):
+        def scope(*refs):
+            hand.sync()
+            em.pl.when(member)(lambda: (static(*refs), work(*refs)))
+        em.pl.run_scoped(scope, *scratch)
+    monkeypatch.setattr(em, "_prefetched", barrier_first)
+    late = schedule.late_static_loads(tiles, layers=2)
+    g = em._geometry(em.FULL_D, em.FULL_HEADS, em.FULL_S, 2, tiles)
+    assert set(late) == set(range(max(g.heads * g.kt, g.units)))  # the blocks that attend, reduce or norm
+    assert {src for b in late for _, src in late[b]} == {"kp", "vp", "valid", "mods", "norms"} | (
+        set() if tiles.fused_rope else {"cs"})
+
+
 def test_the_schedule_check_sees_a_broken_ring(monkeypatch):
     """Not vacuous: an A ring that puts tile j in slot j % 2 whatever act_slots is (two copies in flight on one
     barrier, wgmmas reading the wrong A tile), and a weight ring one tile short of its stream (a wait that never
