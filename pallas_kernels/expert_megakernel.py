@@ -431,8 +431,11 @@ def _scratch(tiles: MegaTiles):
 
 def _ctx(g, tiles, refs, scratch):
     w_ring, w_bar, a_ring, a_bar, bars, x_sh = scratch
+    # step_base / step_tiles: a kernel looping over Euler steps (pallas_kernels.expert_loop) sets them to the step's
+    # first stream index and the block's tiles per step; one step: 0 and None
     return types.SimpleNamespace(g=g, tiles=tiles, b=lax.axis_index("blocks"), w_ring=w_ring, w_bar=w_bar,
-                                 a_ring=a_ring, a_bar=a_bar, bars=bars, x_sh=x_sh, **refs)
+                                 a_ring=a_ring, a_bar=a_bar, bars=bars, x_sh=x_sh, step_base=0, step_tiles=None,
+                                 **refs)
 
 
 def _proxy_fence():
@@ -494,7 +497,7 @@ def _offsets(c, layer):
     """The block's stream index of its first tile of each GEMM phase of `layer`."""
     g = c.g
     q = _is_q(c)
-    base = jnp.asarray(layer, jnp.int32) * jnp.where(q, g.per_q, g.per_o)
+    base = jnp.asarray(layer, jnp.int32) * jnp.where(q, g.per_q, g.per_o) + c.step_base
     wo = base + jnp.where(q, g.t1, 0)
     return types.SimpleNamespace(qkv=base, wo=wo, m1=wo + g.t2, m2=wo + g.t2 + g.tm1)
 
@@ -504,7 +507,8 @@ def _fetch_w(c, t, stop):
     @pl.when(t < stop)
     def _():
         slot = lax.rem(t, c.tiles.slots)
-        plgpu.copy_gmem_to_smem(c.w.at[c.b, pl.ds(t * c.g.r, c.g.r), :], c.w_ring.at[slot], c.w_bar.at[slot])
+        row = t if c.step_tiles is None else lax.rem(t, c.step_tiles)  # a loop over steps re-streams the same tiles
+        plgpu.copy_gmem_to_smem(c.w.at[c.b, pl.ds(row * c.g.r, c.g.r), :], c.w_ring.at[slot], c.w_bar.at[slot])
 
 
 def _fill_ring(c, t0, stop):
@@ -1012,6 +1016,63 @@ def check_resident(tiles: MegaTiles, device=None) -> None:
                          f"SMs resident at once; {device.device_kind} has {sms}")
 
 
+def _layer_body(c, arrive, i, stop, base, *, mods_row, norms_row, barrier_after):
+    """Layer i's phases in the persistent kernel, their grid barriers rounds base .. base + per - 1 (the last one,
+    after G', only where barrier_after: a traced bool, or True). mods_row: this layer's row of c.mods; norms_row:
+    the row of c.norms the closing norm G' uses (the next layer's attention norm, or the final norm)."""
+    tiles, g = c.tiles, c.g
+    per = barriers_per_layer(tiles)
+    names = phase_names(tiles)[::2]
+    k = 0
+
+    def hand():
+        """The hand-off into the layer's phase k: the barrier after phase k - 1 (round base + k - 1) under that
+        phase's wait scope; phase 0's barrier is the one ending the layer before (or the prologue)."""
+        if k == 0:
+            return _Hand(name=names[0])
+        return _Hand(f"{names[k - 1]} | wait", functools.partial(_counted_barrier, arrive, g.blocks, base + k - 1),
+                     names[k])
+
+    def phase(run, *, takes_hand=False):
+        """Phase k: run(hand) if it issues static loads ahead of its barrier (`_prefetched`), else the barrier then
+        run() under the phase's scope."""
+        nonlocal k
+        h = hand()
+        if takes_hand:
+            run(h)
+        else:
+            with h.before():
+                h.sync()
+            with h.phase():
+                run()
+        k += 1
+
+    if tiles.fused_rope:
+        phase(lambda: _phase_qkv_rope(c, i, stop))  # A with B folded in: qkv read by C
+    else:
+        phase(lambda: _phase_qkv(c, i, stop))
+        phase(lambda h: _rope_block(c, h), takes_hand=True)
+    phase(lambda h: _attention_block(c, i, h), takes_hand=True)
+    phase(lambda: _combine_block(c))
+    phase(lambda: _phase_outproj(c, i, stop))
+    phase(lambda h: _reduce_block(c, mods_row, ATTN_GATE, h), takes_hand=True)
+    phase(lambda h: _norm_block(c, c.mods, mods_row, FFW_SCALE, FFW_SHIFT, h), takes_hand=True)
+    phase(lambda: _phase_m1(c, i, stop))
+    phase(lambda: _phase_m2(c, i, stop))
+    phase(lambda h: _reduce_block(c, mods_row, FFW_GATE, h), takes_hand=True)
+    phase(lambda h: _norm_block(c, c.norms, norms_row, 0, 1, h), takes_hand=True)  # next attention / final norm
+    assert k == per, (k, per)
+
+    def closing():  # the barrier after G' (round base + per - 1): the next layer's A (or what follows) reads h
+        with jax.named_scope(f"{names[-1]} | wait"):
+            _counted_barrier(arrive, g.blocks, base + per - 1)
+
+    if barrier_after is True:
+        closing()
+    else:
+        pl.when(barrier_after)(closing)
+
+
 def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = MegaTiles(), tokens: int = TOKENS,
                  *, profile_dir: str | None = None):
     """The L-layer expert stack (module docstring) as one persistent kernel: x float32 [64, D], w_tiles from
@@ -1041,54 +1102,7 @@ def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = Meg
             _counted_barrier(arrive, g.blocks, 1)
 
         def layer(i, carry):
-            base = 2 + per * i
-            names = phase_names(tiles)[::2]
-            k = 0
-
-            def hand():
-                """The hand-off into the layer's phase k: the barrier after phase k - 1 (round base + k - 1) under
-                that phase's wait scope; phase 0's barrier is the one ending the layer before (or the prologue)."""
-                if k == 0:
-                    return _Hand(name=names[0])
-                return _Hand(f"{names[k - 1]} | wait",
-                             functools.partial(_counted_barrier, arrive, g.blocks, base + k - 1), names[k])
-
-            def phase(run, *, takes_hand=False):
-                """Phase k: run(hand) if it issues static loads ahead of its barrier (`_prefetched`), else the
-                barrier then run() under the phase's scope."""
-                nonlocal k
-                h = hand()
-                if takes_hand:
-                    run(h)
-                else:
-                    with h.before():
-                        h.sync()
-                    with h.phase():
-                        run()
-                k += 1
-
-            if tiles.fused_rope:
-                phase(lambda: _phase_qkv_rope(c, i, stop))  # A with B folded in: qkv read by C
-            else:
-                phase(lambda: _phase_qkv(c, i, stop))
-                phase(lambda h: _rope_block(c, h), takes_hand=True)
-            phase(lambda h: _attention_block(c, i, h), takes_hand=True)
-            phase(lambda: _combine_block(c))
-            phase(lambda: _phase_outproj(c, i, stop))
-            phase(lambda h: _reduce_block(c, i, ATTN_GATE, h), takes_hand=True)
-            phase(lambda h: _norm_block(c, c.mods, i, FFW_SCALE, FFW_SHIFT, h), takes_hand=True)
-            phase(lambda: _phase_m1(c, i, stop))
-            phase(lambda: _phase_m2(c, i, stop))
-            phase(lambda h: _reduce_block(c, i, FFW_GATE, h), takes_hand=True)
-            # the next layer's attention norm, or the final norm
-            phase(lambda h: _norm_block(c, c.norms, i + 1, 0, 1, h), takes_hand=True)
-            assert k == per, (k, per)
-
-            @pl.when(i + 1 < g.layers)
-            def _():  # the barrier after G' (round base + per - 1): the next layer's A reads h
-                with jax.named_scope(f"{names[-1]} | wait"):
-                    _counted_barrier(arrive, g.blocks, base + per - 1)
-
+            _layer_body(c, arrive, i, stop, 2 + per * i, mods_row=i, norms_row=i + 1, barrier_after=i + 1 < g.layers)
             return carry
 
         lax.fori_loop(0, g.layers, layer, None)

@@ -225,7 +225,7 @@ def test_each_blocks_stream_length_is_its_tiles():
     assert real[g.nq:, :g.layers * g.per_o].all() and not real[g.nq:, g.layers * g.per_o:].any()
     assert (g.per_q, g.per_o) == (g.t1 + g.t2 + g.tm1 + g.tm2, g.t2 + g.tm1 + g.tm2) == (36, 28)
     for b in (0, g.nq):
-        c = type("C", (), {"g": g, "b": jnp.int32(b)})()
+        c = type("C", (), {"g": g, "b": jnp.int32(b), "step_base": 0})()
         per = g.per_q if b < g.nq else g.per_o
         assert int(em._stop(c)) == g.layers * per
         o = em._offsets(c, 1)
