@@ -198,14 +198,19 @@ def _mocks(rec: _Recorder):
 
 @contextlib.contextmanager
 def _mocked(rec):
-    saved = {k: getattr(em, k) for k in ("lax", "jnp", "pl", "plgpu")}
-    for k, v in _mocks(rec).items():
-        setattr(em, k, v)
+    """The kernel modules' lax, jnp, pl and plgpu swapped for the recorders (expert_megakernel's, and
+    expert_loop's whose body calls into it)."""
+    from pallas_kernels import expert_loop as el
+
+    mocks = _mocks(rec)
+    saved = {(m, k): getattr(m, k) for m in (em, el) for k in mocks}
+    for m, k in saved:
+        setattr(m, k, mocks[k])
     try:
         yield
     finally:
-        for k, v in saved.items():
-            setattr(em, k, v)
+        for (m, k), v in saved.items():
+            setattr(m, k, v)
 
 
 def kernel_body(tiles, d=em.FULL_D, heads=em.FULL_HEADS, s=em.FULL_S, layers=em.FULL_LAYERS, tokens=em.TOKENS):
@@ -229,6 +234,30 @@ def kernel_body(tiles, d=em.FULL_D, heads=em.FULL_HEADS, s=em.FULL_S, layers=em.
     return got["body"], got["g"], got["names"]
 
 
+def loop_kernel_body(tiles, steps=2, d=em.FULL_D, heads=em.FULL_HEADS, s=em.FULL_S, layers=2, tokens=em.TOKENS):
+    """pallas_kernels.expert_loop's kernel body and geometry at these sizes (traced abstractly)."""
+    from pallas_kernels import expert_loop as el
+
+    g = em._geometry(d, heads, s, layers, tiles, tokens)
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    args = (sds((em.ROWS, el.ACTION), jnp.float32), sds((tiles.blocks, layers * g.per_q * g.r, em.COLS), bf),
+            sds((layers, s, em.HEAD), bf), sds((layers, s, em.HEAD), bf), sds((steps, layers, 6, d), bf),
+            sds((steps, 2, d), bf), sds((el.ACTION, d), bf), sds((d,), bf), sds((el.ACTION,), bf),
+            sds((), jnp.int32))
+    got = {}
+
+    def launch(body, g_, tiles_, ins, outs, **_):
+        got.update(body=body, g=g_, names=[*ins, *outs])
+        return {k: jnp.zeros(v.shape, v.dtype) for k, v in outs.items()}
+
+    real, em._launch = em._launch, launch
+    try:
+        jax.eval_shape(functools.partial(el.expert_loop, tiles=tiles, tokens=tokens, dt=-1.0 / steps), *args)
+    finally:
+        em._launch = real
+    return got["body"], got["g"], got["names"]
+
+
 def block_events(body, g, names, tiles, b):
     rec = _Recorder(b)
     refs = {n: _GRef(n) for n in names}
@@ -239,8 +268,10 @@ def block_events(body, g, names, tiles, b):
     return rec.events
 
 
-def expected_tiles(g, b):
-    """Per weight tile of block b's stream (whole call): (its stream rows, (A source, A column start))."""
+def expected_tiles(g, b, steps=None, out_block=None):
+    """Per weight tile of block b's stream (whole call): (its stream rows, (A source, A column start)). With steps
+    (expert_loop): each step's stream again (the same rows), the out block's D / R out-tiles (A = h) after its
+    layers'."""
     split_q = b // g.q_tiles
     split = b // g.n_cols
     phases = [("h", split_q * g.kq, g.t1)] if b < g.nq else []
@@ -249,17 +280,20 @@ def expected_tiles(g, b):
     for _ in range(g.layers):
         for src, col0, n in phases:
             out += [(src, col0 + j * g.r) for j in range(n)]
-    return [(("ds", t * g.r, g.r), a) for t, a in enumerate(out)]
+    if b == out_block:
+        out += [("h", j * g.r) for j in range(g.d // g.r)]
+    per_step = [(("ds", t * g.r, g.r), a) for t, a in enumerate(out)]
+    return per_step * (steps or 1)
 
 
-def check_block(events, g, b):
+def check_block(events, g, b, want=None, steps=1):
     """The problems (strings) of one block's events; [] if every wait completes and every wgmma reads what it
-    should (module docstring)."""
+    should (module docstring); want: `expected_tiles` (the stack's by default)."""
     issued, waited = collections.Counter(), collections.Counter()
     in_flight = {}  # barrier -> slot its un-waited copy fills
     landed, ready = {}, {}  # slot -> source of its last copy; slot -> source, once that copy was waited
     running = []  # slots read by wgmmas not yet retired, oldest first
-    want = expected_tiles(g, b)
+    want = expected_tiles(g, b) if want is None else want
     n_wgmma = 0
     problems = []
     for i, ev in enumerate(events):
@@ -305,7 +339,7 @@ def check_block(events, g, b):
         if len(problems) >= 5:
             break
     if g.fused:
-        problems += _fused_rope_problems(events, g, b)[:5 - len(problems)]
+        problems += _fused_rope_problems(events, g, b, steps)[:5 - len(problems)]
     if n_wgmma != len(want) and len(problems) < 5:
         problems.append(f"{n_wgmma} weight wgmmas, the stream has {len(want)} tiles")
     left = {k: issued[k] - waited[k] for k in issued if issued[k] != waited[k]}
@@ -314,15 +348,16 @@ def check_block(events, g, b):
     return problems
 
 
-def _fused_rope_problems(events, g, b):
+def _fused_rope_problems(events, g, b, steps=1):
     """fused_rope: block b's qkv stores and cos / sin loads over the call against the module docstring's columns."""
     slot, j = divmod(b, em.HEAD // 2 // em.HALF)  # not em.ROPE_TILES: the docstring's columns, whatever the kernel uses
     lo = slot * em.HEAD + j * em.HALF
     per_layer = [(slice(None), ("ds", lo, em.HALF)), (slice(None), ("ds", lo + em.HEAD // 2, em.HALF))]
-    want_stores = per_layer * g.layers if b < g.nq else []
+    want_stores = per_layer * g.layers * steps if b < g.nq else []
     stores = [ev[2] for ev in events if ev[0] == "store" and ev[1] == "qkv"]
     cs = [ev[3][1] for ev in events if ev[0] == "copy" and ev[3][0] == "cs"]
-    want_cs = [(k, slice(None), ("ds", j * em.HALF, em.HALF)) for k in range(2)] * g.layers if b < g.nq else []
+    want_cs = [(k, slice(None), ("ds", j * em.HALF, em.HALF)) for k in range(2)] * g.layers * steps \
+        if b < g.nq else []
     problems = []
     if stores != want_stores:
         problems.append(f"fused_rope: qkv stores {stores[:2]} (of {len(stores)}), want {want_stores[:2]} (of "
@@ -372,3 +407,19 @@ def late_static_loads(tiles, **sizes):
         if late:
             out[b] = late
     return out
+
+
+def check_loop(tiles, steps=2, **sizes):
+    """`check` for pallas_kernels.expert_loop: every block's stream over `steps` steps (the ring never restarts:
+    the step boundary is a stream boundary like a layer's), and the grid-barrier rounds."""
+    from pallas_kernels import expert_loop as el
+
+    body, g, names = loop_kernel_body(tiles, steps, **sizes)
+    out, rounds = {}, set()
+    for b in range(tiles.blocks):
+        events = block_events(body, g, names, tiles, b)
+        problems = check_block(events, g, b, expected_tiles(g, b, steps, el.out_block(tiles)), steps)
+        rounds.add(tuple(ev[2] for ev in events if ev[0] == "semaphore_wait" and ev[1] == "sem0"))
+        if problems:
+            out[b] = problems
+    return out, rounds, g
