@@ -46,6 +46,7 @@ Card: `PYTHONPATH=$PWD:$PWD/scripts timeout 400 python3 -m pallas_kernels.expert
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -388,3 +389,83 @@ def random_loop_problem(key, steps: int, layers: int, d: int, heads: int, s: int
     b_in = (0.1 * jax.random.normal(kb, (d,))).astype(jnp.bfloat16)
     b_out = (0.1 * jax.random.normal(kc, (ACTION,))).astype(jnp.bfloat16)
     return x0, wqkv, wo, wg, wu, wd, kp, vp, mods, final, w_in, b_in, w_out, b_out
+
+
+def per_step_chain(x0, w_tiles, kp, vp, mods, final, w_in, b_in, w_out, b_out, length, *, dt: float,
+                   tiles: em.MegaTiles = _DEFAULT, tokens: int = em.TOKENS):
+    """What the denoise runs per call with `expert_megakernel` today (pi05_jax.fast.denoise, expert "megakernel"):
+    a fori_loop over the steps of XLA's action-in GEMM, the stack kernel, XLA's action-out GEMM and the update, on
+    the 64 padded rows. main()'s baseline."""
+    from pi05_jax.model.linear import promoted_dense
+
+    def step(i, x):
+        tok = promoted_dense(x, w_in, b_in).astype(jnp.bfloat16).astype(jnp.float32)
+        h, _ = em.expert_stack(tok, w_tiles, kp, vp, mods[i], final[i], length, tiles, tokens)
+        return x + dt * promoted_dense(h, w_out, b_out)
+
+    return lax.fori_loop(0, mods.shape[0], step, x0)
+
+
+def main(argv=None) -> int:
+    """Card run: correctness of the loop kernel (10 steps, 18 layers, full size) against the reference on the 50
+    real rows (gate expert_megakernel.GATE, of what the steps add), a second call bit-identical, finite; then CUPTI
+    device time of the loop kernel and of `per_step_chain` (today's megakernel denoise) in the same run. argv: the
+    variants as expert_megakernel's main() takes them (default: MegaTiles())."""
+    import pathlib
+    import time
+
+    import numpy as np
+
+    sys_argv = sys.argv[1:] if argv is None else argv
+    variants = em._parse_variants(sys_argv)[0] if sys_argv else (_DEFAULT,)
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+    from device_time import device_us  # scripts/device_time.py: CUPTI device time
+
+    if jax.default_backend() != "gpu":
+        sys.exit("expert_loop: runs a GPU kernel; JAX sees no GPU")
+    start = time.monotonic()
+    steps, dt = 10, -0.1
+    dev = jax.devices()[0]
+    print(f"{dev.device_kind} ({dev.core_count} SMs), jax {jax.__version__}: {steps} Euler steps x {em.FULL_LAYERS} "
+          f"layers, full size, S={em.FULL_S} length={em.FULL_LENGTH}", flush=True)
+    p = random_loop_problem(jax.random.key(0), steps, em.FULL_LAYERS, em.FULL_D, em.FULL_HEADS, em.FULL_S,
+                            em.FULL_F)
+    x0, wqkv, wo, wg, wu, wd, kp, vp, mods, final, w_in, b_in, w_out, b_out = p
+    length = jnp.int32(em.FULL_LENGTH)
+    ref = jax.jit(functools.partial(expert_loop_reference, dt=dt))(*p[:12], w_out, b_out, length)
+    t = em.TOKENS
+    broken = False
+    for tiles in variants:
+        wt = pack_loop_weights(wqkv, wo, wg, wu, wd, w_out, tiles)
+        args = (x0, wt, kp, vp, mods, final, w_in, b_in, b_out, length)
+        loop = jax.jit(functools.partial(expert_loop, dt=dt, tiles=tiles))
+        chain = jax.jit(functools.partial(per_step_chain, dt=dt, tiles=tiles))
+        cargs = (x0, wt, kp, vp, mods, final, w_in, b_in, w_out, b_out, length)
+        try:
+            for fn, a, what in ((loop, args, "loop kernel"), (chain, cargs, "per-step chain")):
+                t0 = time.monotonic()
+                fn.lower(*a).compile()
+                print(f"  [{time.monotonic() - start:5.0f} s] {tiles.label()}: {what} compiled in "
+                      f"{time.monotonic() - t0:.0f} s; calling it (a hang stops here)", flush=True)
+            got1, got2 = np.asarray(loop(*args)), np.asarray(loop(*args))
+            base = np.asarray(chain(*cargs))
+        except Exception as ex:  # a variant that does not compile or run: say so, go on
+            print(f"  {tiles.label()}: FAILED {type(ex).__name__}: {str(ex)[:800]}", flush=True)
+            broken = True
+            continue
+        err, err_chain = em.rel_err(got1[:t], ref, x0[:t]), em.rel_err(base[:t], ref, x0[:t])
+        same, finite = bool((got1 == got2).all()), bool(np.isfinite(got1).all())
+        print(f"  {tiles.label()}: loop vs reference {err:.2e} (per-step chain {err_chain:.2e}; loop vs chain "
+              f"{em.rel_err(got1[:t], base[:t], x0[:t]):.2e}), bit-identical {same}, finite {finite}", flush=True)
+        if not (err <= em.GATE and same and finite):
+            print(f"FAILED: wrong answer ({tiles.label()})", flush=True)
+            return 1
+        us_loop, us_chain = device_us(loop, *args), device_us(chain, *cargs)
+        print(f"  CUPTI device time, median of 20: loop kernel {us_loop:.1f} us ({us_loop / steps:.1f} per step), "
+              f"per-step chain {us_chain:.1f} us ({us_chain / steps:.1f} per step): {us_chain / us_loop:.3f}x",
+              flush=True)
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,3 +74,24 @@ def test_full_size_sample_lowers_for_hopper(lowered_as_on_hopper, kernels):
         assert name not in text, f"{kernels}: {name} in the lowered sample"
     if kernels == "megakernel":
         assert text.count("mosaic_gpu_v2") == 1, "one persistent kernel launch per Euler step (one call site)"
+
+
+def test_the_loop_kernel_is_the_whole_denoise_in_the_lowered_sample(lowered_as_on_hopper):
+    """FastPathOptions(expert="megakernel-loop"): one Mosaic GPU call site (pallas_kernels.expert_loop: every Euler
+    step of a row), none of the per-layer expert kernels, and no step loop left around it in the executable."""
+    import dataclasses
+
+    config = preset("full")
+    obs = synthetic_observation(config, views=2, prompt_len=60)
+    noise = jnp.asarray(synthetic_noise(config))
+    impl = implementations.fast("megakernel", dataclasses.replace(implementations.MEGAKERNEL.options,
+                                                                  expert="megakernel-loop"), "loop")
+    prepared = jax.eval_shape(lambda params: impl.prepare(params, 10), _param_shapes(config))
+    sample = impl.specialize(impl.plan(prepared, obs)).sample
+    text = jax.jit(sample, static_argnums=3).trace(prepared, obs, noise, 10).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "callback" not in text, "a kernel lowered in interpret mode"
+    assert text.count("mosaic_gpu_v2") == 1
+    for name in ABSENT["megakernel"]:
+        assert name not in text
+    assert "stablehlo.while" not in text, "the Euler steps run inside the kernel"

@@ -36,6 +36,7 @@ SAMPLE_STEPS = 1  # per row and step on the CPU) take one step
 # kernel keeps the residual stream in float32 where upstream rounds it to bf16 after every add.
 BF16_MIN_COSINE = 0.99999
 BF16_MAX_REL = 1e-2
+LOOP_VS_STEP = 2e-3  # the loop kernel against the per-step kernel: see its test
 
 
 def _config() -> Pi05Config:
@@ -99,6 +100,36 @@ def test_megakernel_phases_equal_the_emulated_schedule(model, batch2, monkeypatc
     finally:
         fast_ops.ops_for.cache_clear()
     assert rel_err(got, want) <= 1e-5
+
+
+# FastPathOptions(expert="megakernel-loop"): every Euler step of a row in one kernel (pallas_kernels.expert_loop)
+LOOP = implementations.fast("megakernel", dataclasses.replace(implementations.MEGAKERNEL.options,
+                                                              expert="megakernel-loop"),
+                            "megakernel, the whole Euler loop per launch", parity_tested=False)
+
+
+def test_the_loop_kernel_matches_the_reference_and_the_per_step_kernel_batch2_mixed(model, batch2):
+    """The same sampler with every Euler step in one kernel per row (its phases in interpret mode): at the bf16 bar
+    against `reference`, and against the per-step kernel (the same stack; the action projections as the loop
+    kernel's wgmmas instead of XLA's GEMMs, so a float32 sum in another order can move a bf16 rounding). Measured:
+    cosine 0.9999932 and relative error 3.69e-3 against reference, the per-step kernel's 3.69e-3; 7.4e-4 between
+    the two, from one token entry of 12,800 one bf16 ulp apart after the action-in projection, whose rounding
+    flips spread through the stack's bf16 roundings."""
+    _, params = model
+    obs, noise, ref, per_step = batch2
+    got = _sample(params, obs, noise, LOOP)
+    assert np.isfinite(got).all() and got.shape == ref.shape
+    c, e = cosine(got, ref), rel_err(got, ref)
+    assert c >= BF16_MIN_COSINE and e <= BF16_MAX_REL, f"cosine {c:.7f}, relative error {e:.2e} vs reference"
+    assert rel_err(got, per_step) <= LOOP_VS_STEP, rel_err(got, per_step)
+
+
+def test_the_loop_kernel_is_refused_for_another_action_dim(model):
+    _, params = model
+    bad = {**params, "action_in_proj": {**params["action_in_proj"],
+                                        "kernel": params["action_in_proj"]["kernel"][:16]}}
+    with pytest.raises(ValueError, match="action_dim 32.*action_in_proj/kernel is \\(16, 256\\)"):
+        LOOP.prepare(bad, STEPS)
 
 
 def test_stacked_weights_are_the_layers_weights(model):

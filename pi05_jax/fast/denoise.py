@@ -94,16 +94,22 @@ def with_constants(params, num_steps: int, layout) -> dict:
     return {**params, CONSTANTS_KEY: {"adarms": modulation_table(params, num_steps), "layout": layout}}
 
 
-def with_megakernel_constants(params) -> dict:
+def with_megakernel_constants(params, *, loop: bool = False) -> dict:
     """params (after `with_constants`) plus what the megakernel reads (pi05_jax.fast.megakernel): the expert's
-    weight tiles (once per checkpoint), the adaRMS table regrouped per step ({"mods": [I, L, 6, D], "final":
-    [I, 2, D]}) and the kernel's tiles for these sizes (static: `megakernel.tiles_for`)."""
+    weight tiles (once per checkpoint; with `loop`, pallas_kernels.expert_loop's, action_out_proj's kernel in them),
+    the adaRMS table regrouped per step ({"mods": [I, L, 6, D], "final": [I, 2, D]}) and the kernel's tiles for these
+    sizes (static: `megakernel.tiles_for`)."""
     layers = params["PaliGemma"]["llm"]["layers"]
     megakernel.check_expert(layers, reference.params_dtype(params))
     choice = megakernel.tiles_for(layers)
     megakernel.check_resident(choice.tiles)  # at load, not at the first call
     constants = params[CONSTANTS_KEY]
-    found = {"w_tiles": megakernel.megakernel_weights(layers, choice.tiles), "choice": choice,
+    if loop:
+        megakernel.check_actions(params)
+        w_tiles = megakernel.loop_weights(layers, params["action_out_proj"]["kernel"], choice.tiles)
+    else:
+        w_tiles = megakernel.megakernel_weights(layers, choice.tiles)
+    found = {"w_tiles": w_tiles, "choice": choice,
              **_KERNEL_TABLES.get(constants["adarms"], lambda: megakernel.kernel_modulations(constants["adarms"]))}
     return {**params, CONSTANTS_KEY: {**constants, "megakernel": found}}
 
@@ -166,7 +172,7 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, ops: Ops):
     horizon = noise.shape[1]
     positions = prefix.lengths[:, None] + jnp.arange(horizon, dtype=jnp.int32)[None, :]
 
-    if ops.expert_stack is not None:
+    if ops.expert_stack is not None or ops.expert_loop is not None:
         found = params.get(CONSTANTS_KEY, {}).get("megakernel")
         if found is None:
             raise ValueError("the megakernel's weight tiles are made once per checkpoint by the implementation's "
@@ -175,6 +181,10 @@ def denoise(params, prefix: CompactPrefix, noise, num_steps: int, *, ops: Ops):
             raise ValueError(f"the megakernel's modulation table holds {found['mods'].shape[0]} steps; this call "
                              f"runs {steps}: prepare the params for num_steps={num_steps}")
         kp, vp = megakernel.stacked_kv(prefix.kv)
+        if ops.expert_loop is not None:  # every step in one kernel per row
+            return megakernel.denoise_rows(functools.partial(ops.expert_loop, tiles=found["choice"].tiles),
+                                           found["w_tiles"], kp, vp, found["mods"], found["final"], params,
+                                           prefix.lengths, noise, dt)
 
         def expert(tokens, i):
             return megakernel.expert_step(functools.partial(ops.expert_stack, tiles=found["choice"].tiles),

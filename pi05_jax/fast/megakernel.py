@@ -34,6 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import expert_loop
 from pallas_kernels import expert_megakernel as mk
 from pi05_jax.fast.packing import is_array
 from pi05_jax.leaf_cache import LeafCache
@@ -120,6 +121,46 @@ def megakernel_weights(layers: tuple, tiles: mk.MegaTiles):
         *stacked_expert_weights(expert), tiles=tiles), tag=tiles)
 
 
+def loop_weights(layers: tuple, w_out, tiles: mk.MegaTiles):
+    """The weight tiles of `pallas_kernels.expert_loop` (the stack's, plus action_out_proj's kernel [D, A] in the
+    grid's last block's stream), once per checkpoint (cached)."""
+    expert = tuple({"attn": {k: p["attn"][k] for k in ("qkv_einsum_1", "attn_vec_einsum_1")}, "mlp_1": p["mlp_1"]}
+                   for p in layers)
+    return _TILES.get((expert, w_out), lambda: jax.jit(expert_loop.pack_loop_weights, static_argnames="tiles")(
+        *stacked_expert_weights(expert), w_out, tiles=tiles), tag=("loop", tiles))
+
+
+def check_actions(params) -> None:
+    """What the loop kernel cannot take in the action projections, named (at load)."""
+    w_in, w_out = params["action_in_proj"]["kernel"], params["action_out_proj"]["kernel"]
+    if w_in.shape[0] != expert_loop.ACTION or w_out.shape[1] != expert_loop.ACTION:
+        raise ValueError(f"the megakernel loop runs action_dim {expert_loop.ACTION} (pi0.5's: one x-owner unit's "
+                         f"columns); action_in_proj/kernel is {tuple(w_in.shape)}, action_out_proj/kernel "
+                         f"{tuple(w_out.shape)}: use expert='megakernel'")
+    for key, w in (("action_in_proj/kernel", w_in), ("action_out_proj/kernel", w_out)):
+        if jnp.dtype(w.dtype) != jnp.bfloat16:
+            raise ValueError(f"the megakernel loop's action projections are bf16 wgmmas; {key} is "
+                             f"{jnp.dtype(w.dtype).name}")
+
+
+def denoise_rows(loop, w_tiles, kp, vp, mods, final, params, lengths, noise, dt: float):
+    """All Euler steps from noise [B, T, A] float32 -> actions [B, T, A] float32: one `expert_loop` launch per batch
+    row (`loop` is the kernel or its CPU form with its tiles bound), the row's T action tokens padded to 64."""
+    b, t, _ = noise.shape
+    if t > ROWS:
+        raise ValueError(f"the megakernel takes at most {ROWS} action tokens per row (its row tile); the action "
+                         f"horizon is {t}")
+    check_call(noise, kp)
+    w_in, b_in = params["action_in_proj"]["kernel"], params["action_in_proj"]["bias"]
+    b_out = params["action_out_proj"]["bias"]
+    rows = []
+    for r in range(b):
+        x0 = jnp.pad(noise[r].astype(jnp.float32), ((0, ROWS - t), (0, 0)))
+        rows.append(loop(x0, w_tiles, kp[:, r], vp[:, r], mods, final, w_in, b_in, b_out, lengths[r], dt=dt,
+                         tokens=t)[:t])
+    return jnp.stack(rows)
+
+
 def kernel_modulations(table: dict) -> dict:
     """The adaRMS table ({"attn"/"ffw": (scale, shift, gate) [I, L, 1, 1, D], "final": (scale, shift, gate)
     [I, 1, 1, D]}) as the kernel reads it: {"mods": [I, L, 6, D] (attn scale, shift, gate, ffw scale, shift,
@@ -135,7 +176,7 @@ def stacked_kv(kv: tuple):
 
 
 def check_call(tokens, kp) -> None:
-    """The per-call shapes the kernel cannot take (trace time)."""
+    """The per-call shapes the kernel cannot take (trace time): tokens [B, T, *] (or the noise), kp [L, B, S, H]."""
     _, t, _ = tokens.shape
     if t > ROWS:
         raise ValueError(f"the megakernel takes at most {ROWS} action tokens per row (its row tile); the action "

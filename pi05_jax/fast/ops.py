@@ -25,7 +25,7 @@ import jax.numpy as jnp
 # pallas_call is traced, that flag changes the tracing context after the sampler's first compile, so the second call
 # of a `pallas` executable would compile again.
 import pallas_kernels._interpret  # noqa: F401
-from pallas_kernels import expert_megakernel, gqa_cross_attention, ragged_prefill_attention
+from pallas_kernels import expert_loop, expert_megakernel, gqa_cross_attention, ragged_prefill_attention
 from pallas_kernels.skinny_matmul import SkinnyBlockSizes, geglu_matmul
 from pi05_jax.fast.packing import is_array
 from pi05_jax.model import gemma, layer_stack, siglip
@@ -36,9 +36,12 @@ ATTENTIONS = ("xla", "pallas")
 # on a GPU in bf16/fp16): "none" (upstream's einsum-softmax-einsum) or "vision". The prefix LLM's attention through
 # cuDNN tied with the Pallas ragged prefill attention on the H200 and was deleted (docs/PERF.md names the tag).
 FUSED_ATTENTIONS = ("none", "vision")
-# How the action expert runs: "layers" (each layer's pieces as the kernels above) or "megakernel" (all layers of an
-# Euler step in one persistent Mosaic GPU kernel: pallas_kernels.expert_megakernel, via pi05_jax.fast.megakernel)
-EXPERTS = ("layers", "megakernel")
+# How the action expert runs: "layers" (each layer's pieces as the kernels above), "megakernel" (all layers of an
+# Euler step in one persistent Mosaic GPU kernel: pallas_kernels.expert_megakernel, via pi05_jax.fast.megakernel) or
+# "megakernel-loop" (every Euler step, with the action projections and the update, in one such kernel per batch row:
+# pallas_kernels.expert_loop; built for the card's verdict against "megakernel", docs/PERF.md)
+EXPERTS = ("layers", "megakernel", "megakernel-loop")
+MEGAKERNELS = ("megakernel", "megakernel-loop")
 
 
 def expert_stack_backend(platform: str) -> str:
@@ -276,6 +279,8 @@ class Ops:
     # the expert's whole Euler step as one kernel (pallas_kernels.expert_megakernel.expert_stack's signature), or
     # None: the layers run as the pieces above
     expert_stack: Callable | None = None
+    # the whole Euler loop as one kernel (pallas_kernels.expert_loop.expert_loop's signature), or None
+    expert_loop: Callable | None = None
 
     def describe(self) -> str:
         return ", ".join(f"{piece}: {name}" for piece, name in self.names)
@@ -329,19 +334,24 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
         mlp = expert_mlp_xla
         names.append(("expert mlp", f"{layout.expert_gating} weights' own matmuls"
                       + (" (the checkpoint is quantized: no Pallas GeGLU)" if pallas else "")))
-    stack = None
-    if expert == "megakernel":
+    stack = loop = None
+    if expert in MEGAKERNELS:
         if layout.expert_qkv != "fused" or layout.expert_gating == "quantized":
             raise LayoutError("the megakernel reads the expert's fused bf16 QKV and plain gating weights; this "
                               f"checkpoint's expert is {layout.expert_qkv} / {layout.expert_gating} (quantized "
                               "checkpoints: --kernels pallas)")
-        stack = (expert_megakernel.expert_stack if stack_backend == "mosaic" else
-                 functools.partial(expert_megakernel.expert_stack_phases, interpret=True))
+        mosaic = stack_backend == "mosaic"
+        if expert == "megakernel":
+            stack = (expert_megakernel.expert_stack if mosaic else
+                     functools.partial(expert_megakernel.expert_stack_phases, interpret=True))
+        else:
+            loop = expert_loop.expert_loop if mosaic else functools.partial(expert_loop.expert_loop_phases,
+                                                                           interpret=True)
         names = [n for n in names if not n[0].startswith("expert")]
-        names.append(("expert", "Mosaic GPU persistent megakernel, one launch per Euler step and batch row"
-                      if stack_backend == "mosaic" else
-                      "the megakernel's phases, one launch each, in Pallas interpret mode (no global semaphores on "
-                      "this platform)"))
+        per = "Euler step" if expert == "megakernel" else "call (all Euler steps, the action projections)"
+        names.append(("expert", f"Mosaic GPU persistent megakernel, one launch per {per} and batch row" if mosaic
+                      else "the megakernel's phases, one launch each, in Pallas interpret mode (no global semaphores "
+                           "on this platform)"))
     return Ops(
         vision_qkv=vision_qkv_fused if layout.siglip_qkv in FUSED else vision_qkv_quantized,
         vision_attend=(functools.partial(vision_attend_fused, implementation=fused_backend) if fused_vision
@@ -353,4 +363,5 @@ def ops_for(attention: str, layout: Layout, prefill_tiles: ragged_prefill_attent
         expert_mlp=mlp,
         names=tuple(names),
         expert_stack=stack,
+        expert_loop=loop,
     )

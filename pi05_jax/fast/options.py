@@ -30,7 +30,9 @@ class FastPathOptions:
     fused_attention: str = "none"
     # "layers": the expert's layers as separate kernels (the ops above); "megakernel": each Euler step's 18 expert
     # layers as one persistent Mosaic GPU kernel (pallas_kernels.expert_megakernel; bf16 weights, 64-row tiles; its
-    # grid follows from the expert's sizes: pi05_jax.fast.megakernel.tiles_for)
+    # grid follows from the expert's sizes: pi05_jax.fast.megakernel.tiles_for); "megakernel-loop": all Euler steps
+    # of a batch row, with the action projections, in one such kernel (pallas_kernels.expert_loop; not yet run on a
+    # card: docs/PERF.md)
     expert: str = "layers"
 
     def __post_init__(self):

@@ -19,7 +19,15 @@ import jax
 
 from pi05_jax.fast import denoise as fast_denoise
 from pi05_jax.fast import packing, prefix, vision
-from pi05_jax.fast.ops import Layout, Ops, expert_stack_backend, fused_attention_backend, layout_of, ops_for
+from pi05_jax.fast.ops import (
+    MEGAKERNELS,
+    Layout,
+    Ops,
+    expert_stack_backend,
+    fused_attention_backend,
+    layout_of,
+    ops_for,
+)
 from pi05_jax.fast.options import FastPathOptions
 from pi05_jax.fast.prefix import PrefixPlan
 from pi05_jax.model import layer_stack, reference
@@ -57,8 +65,8 @@ def prepare(params, num_steps: int, *, options: FastPathOptions) -> dict:
     ops_for(options.attention, layout, options.prefill_attention_tiles, options.cross_attention_tiles,
             options.geglu_tiles, expert=options.expert)
     params = fast_denoise.with_constants(params, num_steps, layout)
-    if options.expert == "megakernel":
-        params = fast_denoise.with_megakernel_constants(params)
+    if options.expert in MEGAKERNELS:
+        params = fast_denoise.with_megakernel_constants(params, loop=options.expert == "megakernel-loop")
     return params
 
 
