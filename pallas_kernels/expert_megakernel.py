@@ -115,7 +115,10 @@ L = 18 and L = 1, a per-layer line ((L18 - L1) / 17), and today's `pallas` exper
 `... expert_megakernel 64,3,4 64,4,2` times those variants instead, without the baseline: each is MegaTiles'
 fields in order, TILE_ROWS,SLOTS,ACT_SLOTS[,BLOCKS[,QKV_SPLITS[,FUSED_ROPE 0/1]]] (`_parse_variant`), e.g.
 `64,4,4 64,4,4,128,1 64,4,4,128,1,1`: the default, its rings at SQ = 1 (what SQ = 1 alone costs) and with RoPE
-fused (CARD_VARIANTS has the first and the last).
+fused (CARD_VARIANTS has the first and the last). Two instruments, after the timings: `--no-barriers` times each
+variant without its grid barriers (`expert_stack(barriers=False)`: the phases race, nothing is compared; L = 18
+minus it is what the barriers and the waits for the slowest block cost), and `--profile DIR` makes one call per
+variant with Mosaic GPU's on-device profiler and prints `pallas_kernels.phase_profile`'s per-phase table.
 """
 
 from __future__ import annotations
@@ -450,7 +453,10 @@ def _proxy_fence():
 
 def _counted_barrier(sem, members, round_):
     """Round `round_` of a barrier of `members` blocks on one global semaphore: signal, then wait (no decrement)
-    until every member's signal of this round is in (members x (round + 1)); async-proxy fences either side."""
+    until every member's signal of this round is in (members x (round + 1)); async-proxy fences either side. sem
+    None: no barrier (`expert_stack(barriers=False)`, a timing instrument)."""
+    if sem is None:
+        return
     _proxy_fence()
     plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
     plgpu.semaphore_wait(sem, members * (round_ + 1), decrement=False, memory_scope="gpu")
@@ -1074,13 +1080,15 @@ def _layer_body(c, arrive, i, stop, base, *, mods_row, norms_row, barrier_after)
 
 
 def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = MegaTiles(), tokens: int = TOKENS,
-                 *, profile_dir: str | None = None):
+                 *, profile_dir: str | None = None, barriers: bool = True):
     """The L-layer expert stack (module docstring) as one persistent kernel: x float32 [64, D], w_tiles from
     `pack_weights`, prefix K/V bf16 [L, S, 256], mods [L, 6, D], final [2, D], length int32 scalar -> (final-normed
     h bf16 [64, D], x float32 [64, D]). Global semaphores: the card only (`expert_stack_phases` on the CPU).
     profile_dir: Mosaic GPU's on-device profiler records every phase and every barrier wait of every block (the
     named scopes, `phase_names`) and each call writes a trace there (`pallas_kernels.phase_profile` reads it);
-    for measurement only: it costs shared memory and a store per scope."""
+    for measurement only: it costs shared memory and a store per scope. barriers=False: no grid barrier at all, so
+    the phases race and the result is garbage: main()'s --no-barriers times it, to tell what the barriers and the
+    waits for the slowest block cost from what the phases themselves do."""
     g = _check(x, w_tiles, kp, vp, mods, final, length, tiles, tokens)
     check_resident(tiles)
     ins = {"x": x, "w": w_tiles, "kp": kp, "vp": vp, "mods": mods.astype(jnp.float32),
@@ -1089,8 +1097,8 @@ def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = Meg
     per = barriers_per_layer(tiles)
 
     def body(c):
-        arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
-        done = pl.get_global(plgpu.SemaphoreType.REGULAR)
+        arrive = pl.get_global(plgpu.SemaphoreType.REGULAR) if barriers else None
+        done = pl.get_global(plgpu.SemaphoreType.REGULAR) if barriers else None
         stop = _stop(c)
         with jax.named_scope("prologue"):
             _fill_ring(c, 0, stop)  # the weight stream starts before anything waits
@@ -1108,12 +1116,13 @@ def expert_stack(x, w_tiles, kp, vp, mods, final, length, tiles: MegaTiles = Meg
         lax.fori_loop(0, g.layers, layer, None)
         with jax.named_scope("epilogue"):
             _store_x(c, c.x_out)
-            plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+            if barriers:
+                plgpu.semaphore_signal(done, 1, memory_scope="gpu")
 
-            @pl.when(c.b == 0)
-            def _():  # every block is past its last barrier: wind the counter back for the next call
-                plgpu.semaphore_wait(done, g.blocks, memory_scope="gpu")
-                plgpu.semaphore_signal(arrive, -g.blocks * rounds, memory_scope="gpu")
+                @pl.when(c.b == 0)
+                def _():  # every block is past its last barrier: wind the counter back for the next call
+                    plgpu.semaphore_wait(done, g.blocks, memory_scope="gpu")
+                    plgpu.semaphore_signal(arrive, -g.blocks * rounds, memory_scope="gpu")
 
     outs = {"x_out": jax.ShapeDtypeStruct((ROWS, g.d), jnp.float32), **_buffer_types(g)}
     out = _launch(body, g, tiles, ins, outs, profile_dir=profile_dir)
@@ -1536,6 +1545,8 @@ def main(argv=None) -> int:
         profile_dir = argv.pop(at + 1)
         argv.pop(at)
         pathlib.Path(profile_dir).mkdir(parents=True, exist_ok=True)
+    no_barriers = "--no-barriers" in argv  # after the timings, each variant without its grid barriers (racy)
+    argv = [a for a in argv if a != "--no-barriers"]
     variants, with_today = _parse_variants(argv)
     start = time.monotonic()
 
@@ -1606,6 +1617,17 @@ def main(argv=None) -> int:
         us1 = report(f"megakernel, {tiles.label()}, L=1", device_us(fn, *args1), layers=1)
         print(f"  per layer (L=18 minus L=1, over 17): {(us - us1) / (FULL_LAYERS - 1):.2f} us", flush=True)
         timed.append((tiles, fn, args18, us))
+        if no_barriers:  # the same kernel racing (wrong answers, never compared): the phases and the ring alone
+            racy = jax.jit(functools.partial(expert_stack, tiles=tiles, barriers=False))
+            try:
+                compiled(racy, args18, f"{tiles.label()}, L=18, no barriers")
+                us_racy = report(f"  without grid barriers (racy, timing only), {tiles.label()}",
+                                 device_us(racy, *args18))
+                print(f"  the barriers and the waits for stragglers: {(us - us_racy) / FULL_LAYERS:.2f} us per layer",
+                      flush=True)
+            except Exception as ex:
+                print(f"  no-barriers run of {tiles.label()}: FAILED {type(ex).__name__}: {str(ex)[:600]}", flush=True)
+                broken = True
     if profile_dir is not None:
         broken |= _profile_variants(timed, profile_dir, compiled)
     if not with_today:

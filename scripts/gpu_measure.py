@@ -303,6 +303,12 @@ def stage_soak(args) -> int:
     preset_name = args.preset or ("full" if platform == "gpu" else "tiny")
     config = preset(preset_name)
     impl = implementations.get(args.kernels or implementations.default_kernels(platform))
+    if args.options:  # FIELD=VALUE: that FastPathOptions variant of the implementation (one value only)
+        variants = with_option_variants([impl], args.options)[1:]
+        if len(variants) != 1:
+            raise SystemExit(f"soak --options {args.options}: one FIELD=VALUE of a fast implementation, got "
+                             f"{len(variants)} variants")
+        impl = variants[0]
     say(f"jax {jax.__version__} on {jax.devices()[0].device_kind}: {preset_name} {args.dtype}, {impl.name}")
     params = random_weights(config, seed=0, dtype=args.dtype)
     if args.quantize:  # what `pi05 quantize --format F` stores, quantized in memory
@@ -963,6 +969,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--quantize", choices=("fp8", "fp4"), default=None,
                    help="soak the weights `pi05 quantize --format F` makes (quantized in memory)")
+    s.add_argument("--options", metavar="FIELD=VALUE", action="append", default=[],
+                   help="soak this FastPathOptions variant of --kernels, e.g. expert=megakernel-loop")
 
     g = sub.add_parser("gpu-tests", help="pytest -m gpu; extra arguments go to pytest (default: tests/)")
     g.add_argument("--limit-s", type=int, default=GPU_TESTS_LIMIT_S, help="stop pytest after this (default: "

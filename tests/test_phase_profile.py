@@ -1,6 +1,8 @@
-"""The on-device profile of the persistent expert kernel: its scopes are the phases and barrier waits `phase_names`
-lists, once per layer in order; the profiled kernel lowers for Hopper at full size; `phase_profile` reads a trace
-of Mosaic GPU's format into per-phase microseconds (checked on a trace built here with known durations)."""
+"""The persistent expert kernel's measuring instruments: its profile scopes are the phases and barrier waits
+`phase_names` lists, once per layer in order; the profiled kernel lowers for Hopper at full size; `phase_profile`
+reads a trace of Mosaic GPU's format into per-phase microseconds (checked on a trace built here with known
+durations); the kernel without its grid barriers (main()'s --no-barriers timing) has no semaphore left and
+lowers."""
 
 from __future__ import annotations
 
@@ -142,3 +144,13 @@ def test_latest_trace_names_an_empty_directory(tmp_path):
         phase_profile.latest_trace(tmp_path)
     (tmp_path / "a-1-trace.json").write_text("{}")
     assert phase_profile.latest_trace(tmp_path).name == "a-1-trace.json"
+
+
+def test_the_kernel_without_barriers_has_no_semaphore_and_lowers():
+    tiles = em.MegaTiles()
+    args = _args(2, tiles)
+    with_barriers = str(jax.make_jaxpr(functools.partial(em.expert_stack, tiles=tiles))(*args))
+    fn = functools.partial(em.expert_stack, tiles=tiles, barriers=False)
+    racy = str(jax.make_jaxpr(fn)(*args))
+    assert "semaphore_wait" in with_barriers and "semaphore" not in racy and "wgmma" in racy
+    assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
