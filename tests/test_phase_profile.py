@@ -154,3 +154,13 @@ def test_the_kernel_without_barriers_has_no_semaphore_and_lowers():
     racy = str(jax.make_jaxpr(fn)(*args))
     assert "semaphore_wait" in with_barriers and "semaphore" not in racy and "wgmma" in racy
     assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_main_parses_its_instruments_before_it_needs_a_gpu(tmp_path):
+    with pytest.raises(SystemExit, match="--profile needs a directory"):
+        em.main(["64,4,4", "--profile"])
+    with pytest.raises(SystemExit, match="JAX sees no GPU"):  # parsed: the variants, --profile DIR, --no-barriers
+        em.main(["--no-barriers", "--profile", str(tmp_path / "p"), "64,4,4"])
+    assert (tmp_path / "p").is_dir()
+    with pytest.raises(SystemExit, match="TILE_ROWS"):
+        em.main(["--no-barriers", "64,4,4,128,1,2"])
