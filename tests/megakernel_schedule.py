@@ -213,13 +213,9 @@ def _mocked(rec):
             setattr(m, k, v)
 
 
-def kernel_body(tiles, d=em.FULL_D, heads=em.FULL_HEADS, s=em.FULL_S, layers=em.FULL_LAYERS, tokens=em.TOKENS):
-    """expert_stack's kernel body and geometry at these sizes (traced abstractly; nothing is built or run)."""
-    g = em._geometry(d, heads, s, layers, tiles, tokens)
-    sds = jax.ShapeDtypeStruct
-    args = (sds((em.ROWS, d), jnp.float32), sds((tiles.blocks, layers * g.per_q * g.r, em.COLS), jnp.bfloat16),
-            sds((layers, s, em.HEAD), jnp.bfloat16), sds((layers, s, em.HEAD), jnp.bfloat16),
-            sds((layers, 6, d), jnp.bfloat16), sds((2, d), jnp.bfloat16), sds((), jnp.int32))
+def _captured(fn, args):
+    """fn's kernel body, geometry and ref names: fn traced abstractly with em._launch capturing instead of
+    building (nothing is built or run)."""
     got = {}
 
     def launch(body, g_, tiles_, ins, outs, **_):
@@ -228,14 +224,24 @@ def kernel_body(tiles, d=em.FULL_D, heads=em.FULL_HEADS, s=em.FULL_S, layers=em.
 
     real, em._launch = em._launch, launch
     try:
-        jax.eval_shape(functools.partial(em.expert_stack, tiles=tiles, tokens=tokens), *args)
+        jax.eval_shape(fn, *args)
     finally:
         em._launch = real
     return got["body"], got["g"], got["names"]
 
 
+def kernel_body(tiles, d=em.FULL_D, heads=em.FULL_HEADS, s=em.FULL_S, layers=em.FULL_LAYERS, tokens=em.TOKENS):
+    """expert_stack's kernel body and geometry at these sizes."""
+    g = em._geometry(d, heads, s, layers, tiles, tokens)
+    sds = jax.ShapeDtypeStruct
+    args = (sds((em.ROWS, d), jnp.float32), sds((tiles.blocks, layers * g.per_q * g.r, em.COLS), jnp.bfloat16),
+            sds((layers, s, em.HEAD), jnp.bfloat16), sds((layers, s, em.HEAD), jnp.bfloat16),
+            sds((layers, 6, d), jnp.bfloat16), sds((2, d), jnp.bfloat16), sds((), jnp.int32))
+    return _captured(functools.partial(em.expert_stack, tiles=tiles, tokens=tokens), args)
+
+
 def loop_kernel_body(tiles, steps=2, d=em.FULL_D, heads=em.FULL_HEADS, s=em.FULL_S, layers=2, tokens=em.TOKENS):
-    """pallas_kernels.expert_loop's kernel body and geometry at these sizes (traced abstractly)."""
+    """pallas_kernels.expert_loop's kernel body and geometry at these sizes."""
     from pallas_kernels import expert_loop as el
 
     g = em._geometry(d, heads, s, layers, tiles, tokens)
@@ -244,18 +250,7 @@ def loop_kernel_body(tiles, steps=2, d=em.FULL_D, heads=em.FULL_HEADS, s=em.FULL
             sds((layers, s, em.HEAD), bf), sds((layers, s, em.HEAD), bf), sds((steps, layers, 6, d), bf),
             sds((steps, 2, d), bf), sds((el.ACTION, d), bf), sds((d,), bf), sds((el.ACTION,), bf),
             sds((), jnp.int32))
-    got = {}
-
-    def launch(body, g_, tiles_, ins, outs, **_):
-        got.update(body=body, g=g_, names=[*ins, *outs])
-        return {k: jnp.zeros(v.shape, v.dtype) for k, v in outs.items()}
-
-    real, em._launch = em._launch, launch
-    try:
-        jax.eval_shape(functools.partial(el.expert_loop, tiles=tiles, tokens=tokens, dt=-1.0 / steps), *args)
-    finally:
-        em._launch = real
-    return got["body"], got["g"], got["names"]
+    return _captured(functools.partial(el.expert_loop, tiles=tiles, tokens=tokens, dt=-1.0 / steps), args)
 
 
 def block_events(body, g, names, tiles, b):

@@ -113,10 +113,15 @@ def check_expert(layers: tuple, dtype) -> None:
 _TILES = LeafCache()
 
 
+def _expert_leaves(layers: tuple) -> tuple:
+    """The expert weights the tiles are made of (the cache's key: these leaves' identity)."""
+    return tuple({"attn": {k: p["attn"][k] for k in ("qkv_einsum_1", "attn_vec_einsum_1")}, "mlp_1": p["mlp_1"]}
+                 for p in layers)
+
+
 def megakernel_weights(layers: tuple, tiles: mk.MegaTiles):
     """The expert's weights as the kernel's per-block tile stream, once per checkpoint (cached)."""
-    expert = tuple({"attn": {k: p["attn"][k] for k in ("qkv_einsum_1", "attn_vec_einsum_1")}, "mlp_1": p["mlp_1"]}
-                   for p in layers)
+    expert = _expert_leaves(layers)
     return _TILES.get(expert, lambda: jax.jit(mk.pack_weights, static_argnames="tiles")(
         *stacked_expert_weights(expert), tiles=tiles), tag=tiles)
 
@@ -124,8 +129,7 @@ def megakernel_weights(layers: tuple, tiles: mk.MegaTiles):
 def loop_weights(layers: tuple, w_out, tiles: mk.MegaTiles):
     """The weight tiles of `pallas_kernels.expert_loop` (the stack's, plus action_out_proj's kernel [D, A] in the
     grid's last block's stream), once per checkpoint (cached)."""
-    expert = tuple({"attn": {k: p["attn"][k] for k in ("qkv_einsum_1", "attn_vec_einsum_1")}, "mlp_1": p["mlp_1"]}
-                   for p in layers)
+    expert = _expert_leaves(layers)
     return _TILES.get((expert, w_out), lambda: jax.jit(expert_loop.pack_loop_weights, static_argnames="tiles")(
         *stacked_expert_weights(expert), w_out, tiles=tiles), tag=("loop", tiles))
 
