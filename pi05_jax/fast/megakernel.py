@@ -7,7 +7,9 @@ What the denoise loop does per step with it (`expert_step`): action_in_proj (XLA
 action tokens padded to the kernel's 64 rows -> the kernel (adaRMS norm, QKV + RoPE, attention over the row's
 prefix keys and its own, out-proj + gated residual, norm, GeGLU MLP, gated residual, for every layer, then the
 final norm) -> action_out_proj (XLA). A batch of B rows is B launches per step (each re-streams the weights): the
-kernel's tiles are 64 rows, one row's action tokens.
+kernel's tiles are 64 rows, one row's action tokens. With `FastPathOptions(expert="megakernel-loop")`
+(`denoise_rows`) the whole Euler loop of a row, the action projections and the update included, is one launch of
+`pallas_kernels.expert_loop.expert_loop` (its weight tiles carry action_out_proj's kernel: `loop_weights`).
 
 Once per checkpoint (`megakernel_weights`, cached by the expert weights' identity): the expert's weights stacked
 per layer and cut into the kernel's per-block tile stream (`expert_megakernel.pack_weights`); a copy of the
@@ -150,11 +152,8 @@ def check_actions(params) -> None:
 def denoise_rows(loop, w_tiles, kp, vp, mods, final, params, lengths, noise, dt: float):
     """All Euler steps from noise [B, T, A] float32 -> actions [B, T, A] float32: one `expert_loop` launch per batch
     row (`loop` is the kernel or its CPU form with its tiles bound), the row's T action tokens padded to 64."""
-    b, t, _ = noise.shape
-    if t > ROWS:
-        raise ValueError(f"the megakernel takes at most {ROWS} action tokens per row (its row tile); the action "
-                         f"horizon is {t}")
     check_call(noise, kp)
+    b, t, _ = noise.shape
     w_in, b_in = params["action_in_proj"]["kernel"], params["action_in_proj"]["bias"]
     b_out = params["action_out_proj"]["bias"]
     rows = []
