@@ -197,6 +197,8 @@ def stage_time(args) -> int:
                "actions_finite": bool(np.all(np.isfinite(actions)))}
         if (name, "prepare") in times:
             res["host_prepare"] = runner.stats(times[(name, "prepare")])
+        if (name, "prepare_host") in times:  # the masks as host arrays, as `pi05 serve` gets a request
+            res["host_prepare_served"] = runner.stats(times[(name, "prepare_host")])
         if args.phases:
             res["phases"] = {ph: runner.stats(times[(name, ph)]) for ph in PHASES}
             res["phase_sum_over_total"] = sum(res["phases"][ph]["median_s"] for ph in PHASES) / t["median_s"]
@@ -204,14 +206,16 @@ def stage_time(args) -> int:
         rows.append([name, f"{c.compile_s:.1f} s", f"{_ms(t['median_s'])} [{_ms(t['p10_s'])} - {_ms(t['p90_s'])}]",
                      f"{res['hz']:.1f}", f"{_ms(min(rm))} - {_ms(max(rm))}", f"{res['speedup_vs_first']:.3f}x",
                      f"{res['actions_rel_err_vs_first']:.1e}",
-                     _ms(res["host_prepare"]["median_s"]) if "host_prepare" in res else "-",
+                     (f"{_ms(res['host_prepare_served']['median_s'])} / " if "host_prepare_served" in res else "")
+                     + (_ms(res["host_prepare"]["median_s"]) if "host_prepare" in res else "-"),
                      *((*(_ms(res["phases"][ph]["median_s"]) for ph in PHASES),
                         f"{res['phase_sum_over_total'] * 100:.0f}%") if args.phases else ())])
     n = args.rounds * sel.runs
     print(f"{sel.describe()}; {jax.devices()[0].device_kind}; {args.rounds} rounds x {sel.runs} calls each, "
           f"interleaved ({n} timed calls per implementation); ms")
     print(_table(["impl", "compile", "total median [p10 - p90]", "Hz", "round medians", "speedup vs first",
-                  "rel err vs first", "host prep", *((*PHASES, "sum/total") if args.phases else ())], rows))
+                  "rel err vs first", "host prep (host masks / device masks)",
+                  *((*PHASES, "sum/total") if args.phases else ())], rows))
     if args.json:
         doc = {"schema": "pi05-gpu-measure-time/1", **commit(), "argv": sys.argv, "device": hardware.device_info(),
                "selection": sel.as_dict(), "rounds": args.rounds, "implementations": results, "failed": failed}

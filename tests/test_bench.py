@@ -85,8 +85,10 @@ def test_bench_json_has_every_figure(bench_run):
     first, second = doc["implementations"]
     assert first["actions_rel_err_vs_first"] == 0.0
     assert 0 < second["actions_rel_err_vs_first"] <= BF16_REL_ERR  # other code, the same inputs and answer
-    assert first["host_prepare"] is None  # reference plans nothing on the host
+    assert first["host_prepare"] is None and first["host_prepare_served"] is None  # reference plans nothing
     assert second["host_prepare"]["n"] == 3 and second["host_prepare"]["median_s"] > 0
+    # the same plan from the masks as host arrays (as a served request brings them)
+    assert second["host_prepare_served"]["n"] == 3 and second["host_prepare_served"]["median_s"] > 0
 
 
 def test_phases_sum_to_about_the_measured_total(bench_run):

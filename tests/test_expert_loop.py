@@ -104,9 +104,10 @@ def test_emulated_loop_matches_the_reference_at_full_size():
     assert em.rel_err(emu[:em.TOKENS], ref, args[0][:em.TOKENS]) < em.GATE
 
 
-@pytest.mark.parametrize("tiles", (em.MegaTiles(), em.MegaTiles(64, 4, 4, 128, 1, True)), ids=("A-B", "fused_rope"))
-def test_the_loop_kernel_lowers_for_hopper_at_full_size(tiles):
-    """10 steps of 18 layers in one Mosaic GPU kernel: one call site, the stack's barrier sites plus the loop's."""
+def test_the_loop_kernel_lowers_for_hopper_at_full_size():
+    """10 steps of 18 layers in one Mosaic GPU kernel: one call site, the stack's barrier sites plus the loop's.
+    (fused_rope changes only the stack's layer body, whose own lowering test covers it.)"""
+    tiles = em.MegaTiles()
     steps, layers = 10, em.FULL_LAYERS
     g = em._geometry(em.FULL_D, em.FULL_HEADS, em.FULL_S, layers, tiles)
     sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16

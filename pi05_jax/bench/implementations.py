@@ -76,6 +76,9 @@ class Phased:
     prefill: object  # (params, obs, vision_out) -> prefix
     denoise: object  # (params, prefix, noise) -> actions
     prepare: object  # () -> None: the host work before every call (the plan from the masks), or None
+    # () -> None: the same from the masks as a request brings them (host arrays: what `pi05 serve` plans from; the
+    # masks of bench's device-resident observation are device-to-host reads), or None
+    prepare_host: object = None
 
 
 def _check_arguments(fn, n_positional: int, what: str) -> None:
@@ -88,14 +91,18 @@ def _check_arguments(fn, n_positional: int, what: str) -> None:
 def phased(impl: Implementation, params, obs, num_steps: int) -> Phased:
     """The implementation prepared (as `runtime.Model` prepares it), specialized to this observation's plan, with
     num_steps bound and each phase in its named scope."""
-    base, plan_call = impl, None
+    base, plan_call, plan_host = impl, None, None
     if impl.prepare is not None:
         params = impl.prepare(params, num_steps)
         impl = impl.specialize(impl.plan(params, obs))
         prepared = params
+        host_obs = jax.device_get(obs)  # once, outside any timing
 
         def plan_call():
             base.plan(prepared, obs)
+
+        def plan_host():
+            base.plan(prepared, host_obs)
 
     for fn, n, phase in ((impl.vision, 2, "vision"), (impl.prefill, 3, "prefill"), (impl.denoise, 4, "denoise"),
                          (impl.sample, 4, "sample")):
@@ -112,4 +119,5 @@ def phased(impl: Implementation, params, obs, num_steps: int) -> Phased:
         prefill=scoped.prefill,
         denoise=lambda params, prefix, noise: scoped.denoise(params, prefix, noise, num_steps),
         prepare=plan_call,
+        prepare_host=plan_host,
     )

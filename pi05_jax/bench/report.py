@@ -56,7 +56,10 @@ def text(doc: dict) -> str:
         speed = "" if r.get("speedup_vs_first") is None else f"{r['speedup_vs_first']:.2f}x"
         err = "" if r.get("actions_rel_err_vs_first") is None else f"{r['actions_rel_err_vs_first']:.1e}"
         add = f"{r['phase_sum_over_total'] * 100:.0f}% {'ok' if r['phases_add_up'] else 'NO'}"
-        prep = _ms(r["host_prepare"]["median_s"]) if r.get("host_prepare") else "-"
+        prep = "-"
+        if r.get("host_prepare"):
+            served = r.get("host_prepare_served")
+            prep = (f"{_ms(served['median_s'])} / " if served else "") + _ms(r["host_prepare"]["median_s"])
         rows.append([r["name"], f"{r['compile_s']:.1f} s", f"{_ms(t['median_s'])} [{_ms(t['p10_s'])} - "
                      f"{_ms(t['p90_s'])}]", f"{r['hz']:.1f}", *(_ms(r["phases"][p]["median_s"]) for p in PHASES),
                      add, prep, mem_s, speed, err])
@@ -64,7 +67,8 @@ def text(doc: dict) -> str:
                      "peak mem", "speedup vs first", "rel err vs first"], rows)
     if any(r.get("host_prepare") for r in doc["implementations"]):
         lines.append("  host prep: the host work before each call (the plan from the masks, sampler.sample_prepared; "
-                     "not in total)")
+                     "not in total): with the masks as a request brings them (host arrays, as `pi05 serve` gets "
+                     "them) / from this run's device-resident observation (device-to-host reads)")
     lines.append("  peak mem: the device allocator's peak so far in this process (n/a where the backend keeps no "
                  "statistics); plan: XLA's memory plan of the one-jit executable (arguments + outputs + temporaries)")
     lines += _bridged_vision_lines(doc["implementations"])

@@ -103,6 +103,8 @@ def compile_calls(p: Phased, obs, noise, *, say, phases: bool = True) -> Compile
         say(f"[{p.name}] compiled in {compile_s:.1f} s, first call {first_s * 1e3:.1f} ms")
     if p.prepare is not None:
         calls["prepare"] = p.prepare
+    if p.prepare_host is not None:
+        calls["prepare_host"] = p.prepare_host
     return Compiled(sample=sample_c, compile_s=compile_s, first_call_s=first_s, actions=actions,
                     phase_compile_s=phase_compile_s, vision_out=vision_out, prefix=prefix, calls=calls)
 
@@ -130,6 +132,7 @@ def run_implementation(p: Phased, obs, noise, *, runs: int, say) -> dict:
     times = timed_rounds(c.calls, runs)
     total = stats(times["total"])
     prepare = stats(times["prepare"]) if p.prepare is not None else None
+    prepare_host = stats(times["prepare_host"]) if p.prepare_host is not None else None
     phases = {ph: stats(times[ph]) for ph in PHASES}
     phase_sum = sum(phases[ph]["median_s"] for ph in PHASES)
     ratio = phase_sum / total["median_s"]
@@ -146,8 +149,11 @@ def run_implementation(p: Phased, obs, noise, *, runs: int, say) -> dict:
         "total": total,
         "hz": 1.0 / total["median_s"],
         "host_prepare": prepare,
+        "host_prepare_served": prepare_host,
         "host_prepare_note": None if prepare is None else (
-            "host work before every call (the plan from the masks, sampler.sample_prepared); not in 'total'"),
+            "host work before every call (the plan from the masks, sampler.sample_prepared); not in 'total'. "
+            "host_prepare: from this run's device-resident observation (its masks are device-to-host reads); "
+            "host_prepare_served: from the same masks as host arrays, as a request brings them to `pi05 serve`"),
         "phases": phases,
         "phase_sum_s": phase_sum,
         "phase_sum_over_total": ratio,
