@@ -167,3 +167,12 @@ def test_bad_operands_are_named():
     big = el.random_loop_problem(jax.random.key(5), 1, 1, *FULL_SIZE)
     with pytest.raises(ValueError, match="L Kq >= D"):  # one layer at SQ 2: 512 rows of padding for 1024
         el.pack_loop_weights(*big[1:6], big[12], em.MegaTiles())
+
+
+def test_main_parses_its_variants_before_it_needs_a_gpu():
+    """The card run's argv (MegaTiles' fields, as expert_megakernel's main takes them) is checked first."""
+    with pytest.raises(SystemExit, match="TILE_ROWS"):
+        el.main(["64,4,4,128,1,2"])
+    for argv in ([], ["64,4,4"]):
+        with pytest.raises(SystemExit, match="JAX sees no GPU"):
+            el.main(argv)
