@@ -34,13 +34,13 @@ after "out" between); "out" of step i + 1 writes them again after the barriers t
 following "out" and "in". x (float32) is one block's own, its TMA stores awaited before it reads it back.
 
 Simplified: A = 32; the grid's last block must have no QKV work and room in its stream's padding for the D / R
-out-tiles (L Kq >= D: true at full size); batch 1 (the caller launches per row); no profiler scopes beyond the
-stack's.
+out-tiles (L Kq >= D: true at full size); batch 1 (the caller launches per row); its phases are named scopes, but
+no `profile_dir` (expert_megakernel's main() profiles the stack).
 
 On the CPU: `expert_loop_phases` runs "in", the stack's phases (`expert_stack_phases`) and "out" as launches per
 step in interpret mode, `expert_loop_emulated` replays it in plain JAX, and the tests lower the persistent kernel
 for Hopper and replay its copy / wait schedule (tests/megakernel_schedule.py) across step boundaries.
-Card: `PYTHONPATH=$PWD:$PWD/scripts timeout 400 python3 -m pallas_kernels.expert_loop` (`main`).
+Card: `PYTHONPATH=$PWD:$PWD/scripts timeout 480 python3 -m pallas_kernels.expert_loop` (`main`).
 """
 
 from __future__ import annotations
