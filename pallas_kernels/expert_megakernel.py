@@ -1520,6 +1520,7 @@ def _profile_variants(timed, profile_dir, compiled) -> bool:
             compiled(prof, args, f"{tiles.label()}, L=18, profiled")
             want = [np.asarray(a) for a in fn(*args)]
             got = [np.asarray(a) for a in prof(*args)]
+            jax.effects_barrier()  # the trace is written by a host callback: let it finish
             stats, per_us = phase_profile.summarize(phase_profile.load(phase_profile.latest_trace(sub)), us)
         except Exception as ex:  # say so, go on with the next variant
             print(f"  profile of {tiles.label()}: FAILED {type(ex).__name__}: {str(ex)[:800]}", flush=True)
